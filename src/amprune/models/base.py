@@ -1,0 +1,102 @@
+"""A model family described as data: where its prunable units live and how its config names them.
+
+Notation used in comments: H query heads, G KV heads (groups), d head_dim, D hidden_size,
+I intermediate_size, T tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Family:
+    """Module names and config rules of one family. Algorithm code only ever talks to this.
+
+    Attributes:
+        name: the family's name as users see it (`amprune list`).
+        model_types: the `config.model_type` values this family serves.
+        layers: dotted path from the `*ForCausalLM` module to the decoder `ModuleList`.
+        attention / mlp: attribute names of the attention and MLP blocks inside a decoder layer.
+        q, k, v: separate query/key/value projections, or `qkv` for one fused projection whose rows are
+            `[q (H·d) | k (G·d) | v (G·d)]`.
+        o: the attention output projection (its input is the concatenation of the head outputs).
+        gate, up: the SwiGLU input projections, or `gate_up` fused as `[gate (I) | up (I)]`; `gate=None`
+            with `up` set means a plain MLP (`fc1` → act → `fc2`).
+        down: the MLP output projection (its input is one channel per neuron).
+        heads_must_divide_hidden: the family's stock config refuses a head count that does not divide
+            `hidden_size` (transformers ≥ 5.24 `LlamaConfig`).
+        equivalent_model_type: a stock architecture with identical forward math whose config accepts any
+            head count; used to save checkpoints the family's own config would refuse.
+        text_config: attribute holding the text sub-config (multimodal wrappers), else None.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    layers: str = "model.layers"
+    attention: str = "self_attn"
+    q: str | None = "q_proj"
+    k: str | None = "k_proj"
+    v: str | None = "v_proj"
+    qkv: str | None = None
+    o: str = "o_proj"
+    mlp: str = "mlp"
+    gate: str | None = "gate_proj"
+    up: str | None = "up_proj"
+    gate_up: str | None = None
+    down: str = "down_proj"
+    heads_must_divide_hidden: bool = False
+    equivalent_model_type: str | None = None
+    text_config: str | None = None
+    notes: tuple[str, ...] = field(default=())
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        module = model
+        for part in self.layers.split("."):
+            module = getattr(module, part)
+        return module
+
+    def attention_block(self, layer: nn.Module) -> nn.Module:
+        return getattr(layer, self.attention)
+
+    def mlp_block(self, layer: nn.Module) -> nn.Module:
+        return getattr(layer, self.mlp)
+
+    def o_proj(self, layer: nn.Module) -> nn.Linear:
+        return getattr(self.attention_block(layer), self.o)
+
+    def down_proj(self, layer: nn.Module) -> nn.Linear:
+        return getattr(self.mlp_block(layer), self.down)
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The prunable sizes of a model, identical in every decoder layer."""
+
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (1 for plain multi-head attention)."""
+        return self.num_heads // self.num_kv_heads
+
+    @classmethod
+    def from_config(cls, config) -> Dims:
+        heads = config.num_attention_heads
+        kv = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return cls(
+            num_layers=config.num_hidden_layers,
+            hidden_size=config.hidden_size,
+            num_heads=heads,
+            num_kv_heads=kv,
+            head_dim=head_dim,
+            intermediate_size=config.intermediate_size,
+        )
