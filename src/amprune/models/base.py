@@ -52,6 +52,10 @@ class Family:
     text_config: str | None = None
     notes: tuple[str, ...] = field(default=())
 
+    def sizes_config(self, config):
+        """The (sub-)config that holds the decoder sizes: `config` itself or its text config."""
+        return getattr(config, self.text_config) if self.text_config else config
+
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         module = model
         for part in self.layers.split("."):

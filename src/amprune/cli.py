@@ -1,0 +1,131 @@
+"""The `amprune` command line: thin argparse wiring around the library; no logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .errors import AmpruneError
+from .models import FAMILIES
+from .plan import GQA_MODES
+
+logger = logging.getLogger("amprune")
+
+PRUNE_EXAMPLES = """examples:
+  amprune prune --ratio 0.3 --out pruned/                       # packaged SmolLM2-135M, 30 % of parameters
+  amprune prune --model my-llama/ --ratio 0.2 --gqa-mode group --out pruned/
+  amprune prune --model model.gguf --head-ratio 0.25 --mlp-ratio 0.3 --calib prompts.jsonl --out pruned/
+"""
+
+
+def _fraction(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text}") from None
+
+
+def _add_prune(sub) -> None:
+    p = sub.add_parser(
+        "prune",
+        help="prune a model with AMP and save a standard checkpoint",
+        epilog=PRUNE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", help="HF folder, .gguf file or hub id (default: the packaged SmolLM2-135M-Instruct)")
+    p.add_argument("--out", required=True, help="output folder for the pruned checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    budget = p.add_argument_group("how much to prune")
+    budget.add_argument("--ratio", type=_fraction, help="fraction of all parameters to remove, in [0, 1) (AMP's c)")
+    budget.add_argument("--head-ratio", type=_fraction, help="fraction of attention heads per layer (instead of --ratio)")
+    budget.add_argument("--mlp-ratio", type=_fraction, help="fraction of MLP neurons per layer (instead of --ratio)")
+    budget.add_argument(
+        "--gqa-mode", choices=GQA_MODES, default="query",
+        help="query: drop the same number of query heads in every KV group (default); "
+        "group: drop whole KV groups (smaller KV cache)",
+    )
+    calib = p.add_argument_group("calibration")
+    calib.add_argument("--calib", default="c4", help="c4 | wiki (packaged text) or a .txt / .jsonl file (default: c4)")
+    calib.add_argument("--samples", type=int, default=64, help="number of calibration samples (default: 64)")
+    calib.add_argument("--seq-len", type=int, default=512, help="tokens per sample (default: 512)")
+    calib.add_argument("--seed", type=int, default=0, help="seed for drawing samples (default: 0)")
+    calib.add_argument("--batch-size", type=int, default=8, help="samples per forward pass (default: 8)")
+    run = p.add_argument_group("runtime")
+    run.add_argument("--dtype", help="float32 (default on CPU) | bfloat16 (default on CUDA) | float16")
+    run.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
+    run.add_argument("--no-verify", action="store_true", help="skip reloading the saved checkpoint to compare logits")
+    p.set_defaults(handler=_run_prune)
+
+
+def _run_prune(args) -> None:
+    from .pipeline import PruneRequest, prune
+    from .report import run_summary
+
+    if args.batch_size <= 0:
+        raise AmpruneError(f"--batch-size must be positive, got {args.batch_size}")
+    result = prune(
+        PruneRequest(
+            out=args.out, model=args.model, ratio=args.ratio, head_ratio=args.head_ratio, mlp_ratio=args.mlp_ratio,
+            gqa_mode=args.gqa_mode, calib=args.calib, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
+            batch_size=args.batch_size, dtype=args.dtype, device=args.device, overwrite=args.overwrite,
+            verify=not args.no_verify, progress=not args.quiet,
+        )
+    )
+    print(run_summary(result.plan, result.seconds, result.peak_memory_bytes))
+    print(f"saved: {result.out}  (loads with AutoModelForCausalLM.from_pretrained)")
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="print the summary of a pruned checkpoint's plan")
+    p.add_argument("folder", help="a folder written by `amprune prune` (or its amprune_plan.json)")
+    p.set_defaults(handler=_run_inspect)
+
+
+def _run_inspect(args) -> None:
+    from .plan import Plan
+    from .report import plan_summary
+
+    print(plan_summary(Plan.load(args.folder)))
+
+
+def _add_list(sub) -> None:
+    p = sub.add_parser("list", help="list the supported model families")
+    p.set_defaults(handler=_run_list)
+
+
+def _run_list(args) -> None:
+    for family in FAMILIES:
+        print(f"{family.name:10s} model_type: {', '.join(family.model_types)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    families = ", ".join(t for f in FAMILIES for t in f.model_types)
+    parser = argparse.ArgumentParser(
+        prog="amprune",
+        description=f"AMP structured pruning of LLMs (attention heads + MLP neurons). Families: {families}.",
+    )
+    parser.add_argument("--log-level", default="INFO", help="DEBUG | INFO | WARNING (default: INFO)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_prune(sub)
+    _add_inspect(sub)
+    _add_list(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level="WARNING" if args.quiet else args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        args.handler(args)
+    except AmpruneError as err:
+        print(f"amprune: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""The end-to-end story of `amprune prune`, one call per step.
+
+load config → validate the request → calibrate (one hooked pass) → score → plan → surgery → verify
+→ save a standard Hugging Face checkpoint. Every check that can fail runs before the model is loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .calibration import calibration_set, collect_amp_stats
+from .checkpoint import check_output_dir, save_checkpoint, saved_model_type, verify_reload
+from .models import Dims, get_family
+from .models.loading import (
+    default_model,
+    load_config,
+    load_model,
+    load_tokenizer,
+    resolve_device_dtype,
+    resolve_model,
+)
+from .plan import Plan, make_budget, select_units
+from .resources import peak_memory_bytes, reset_peak_memory
+from .surgery import apply_plan, unit_params
+from .versions import package_versions
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneRequest:
+    """Everything `amprune prune` is asked to do; the CLI builds one, so can Python callers."""
+
+    out: str | None  # None: prune in memory only
+    model: str | None = None  # None: the packaged SmolLM2-135M-Instruct
+    ratio: float | None = None
+    head_ratio: float | None = None
+    mlp_ratio: float | None = None
+    gqa_mode: str = "query"
+    calib: str = "c4"
+    samples: int = 64
+    seq_len: int = 512
+    seed: int = 0
+    batch_size: int = 8
+    dtype: str | None = None
+    device: str | None = None
+    overwrite: bool = False
+    verify: bool = True
+    progress: bool = True
+
+
+@dataclass
+class PruneResult:
+    model: torch.nn.Module
+    tokenizer: object
+    plan: Plan
+    out: Path | None
+    seconds: dict[str, float] = field(default_factory=dict)
+    peak_memory_bytes: int = 0
+
+
+def _count_params(config) -> tuple[int, object]:
+    """Total parameters of a model built from `config`, on the meta device (no memory, no weights)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in skeleton.parameters()), skeleton
+
+
+def prune(request: PruneRequest) -> PruneResult:
+    """Prune a model with AMP as `request` says; returns the pruned model and its plan."""
+    started = time.perf_counter()
+    seconds: dict[str, float] = {}
+    reset_peak_memory()
+
+    # 1. Validate everything cheap first: model family, ratios, GQA mode, output folder, calibration text.
+    source = resolve_model(request.model)
+    config = load_config(source)
+    family = get_family(config.model_type)
+    dims = Dims.from_config(family.sizes_config(config))
+    total_params, skeleton = _count_params(config)
+    units = unit_params(family, family.decoder_layers(skeleton)[0], dims)
+    budget = make_budget(
+        dims, units, total_params, request.gqa_mode, request.ratio, request.head_ratio, request.mlp_ratio
+    )
+    if request.out is not None:
+        check_output_dir(request.out, request.overwrite)
+    device, dtype = resolve_device_dtype(request.device, request.dtype)
+    tokenizer = load_tokenizer(source)
+    calib = calibration_set(request.calib, tokenizer, request.samples, request.seq_len, request.seed)
+
+    # 2. Load and calibrate: one forward pass collects head and neuron statistics.
+    tick = time.perf_counter()
+    model = load_model(source, device, dtype)
+    seconds["load"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    stats = collect_amp_stats(model, family, dims, calib, request.batch_size, pad_id, request.progress)
+    head_scores, neuron_scores = stats.scores()
+    seconds["calibrate"] = time.perf_counter() - tick
+
+    # 3. Plan: the lowest-scoring units of every layer, as many as the budget says.
+    plan = Plan(
+        dims=dims,
+        budget=budget,
+        layers=select_units(head_scores, neuron_scores, dims, budget),
+        settings={
+            "method": "amp",
+            "model": request.model or default_model(),
+            "model_type": config.model_type,
+            "calibration": calib.source,
+            "samples": len(calib.samples),
+            "seq_len": calib.seq_len,
+            "calibration_tokens": calib.num_tokens,
+            "seed": calib.seed,
+            "ratio": request.ratio,
+            "head_ratio": request.head_ratio,
+            "mlp_ratio": request.mlp_ratio,
+            "gqa_mode": request.gqa_mode,
+            "dtype": str(dtype).removeprefix("torch."),
+        },
+        versions=package_versions(),
+    )
+    if request.out is not None:
+        saved_model_type(family, config, plan.dims_after)  # fails now, not after surgery, if unsavable
+
+    # 4. Surgery, then a forward and a short cached generation to prove the model is consistent.
+    tick = time.perf_counter()
+    apply_plan(model, family, plan)
+    probe = calib.samples[0][:16].unsqueeze(0).to(device)
+    with torch.inference_mode():
+        model(probe)
+        model.generate(probe, max_new_tokens=2, do_sample=False, pad_token_id=pad_id)
+    seconds["surgery"] = time.perf_counter() - tick
+    pruned_params = sum(p.numel() for p in model.parameters())
+    if pruned_params != budget.params_after:
+        raise RuntimeError(f"surgery left {pruned_params} parameters, the plan expected {budget.params_after}")
+
+    # 5. Save atomically and check that stock transformers reloads the same model.
+    out = None
+    if request.out is not None:
+        tick = time.perf_counter()
+        out = save_checkpoint(model, tokenizer, plan, family, request.out, request.overwrite)
+        if request.verify:
+            diff = verify_reload(model, out, probe)
+            logger.info("reloaded %s with stock from_pretrained: max logit diff %.2g", out, diff)
+        seconds["save"] = time.perf_counter() - tick
+    seconds["total"] = time.perf_counter() - started
+    logger.debug("plan settings: %s", asdict(budget))
+    return PruneResult(model, tokenizer, plan, out, seconds, peak_memory_bytes())

@@ -1,0 +1,286 @@
+"""From scores to a plan: how many units every layer loses, and which ones.
+
+AMP's rule (paper §2.5): the pruning ratio c = 1 − Q/P is a fraction of the *whole* model's parameters.
+Embeddings and the LM head are never pruned, so c becomes one per-layer fraction p of the attention and
+MLP units, and every layer drops the round(p·units) lowest-scoring heads and neurons. p is chosen so
+that the achieved fraction is as close to c as the unit granularity allows.
+
+GQA modes (H query heads in G KV groups of H/G heads):
+- `query`: remove the same number of query heads from every KV group; keys/values stay.
+- `group`: remove whole KV groups (the KV head and its query heads), scored by the sum of their heads'
+  scores; this also shrinks the KV cache.
+Both keep every layer's sizes equal, so the result is a standard config.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import AmpruneError
+from .models.base import Dims
+
+GQA_MODES = ("query", "group")
+PLAN_FILE = "amprune_plan.json"
+PLAN_FORMAT = "amprune-plan/1"
+
+
+def _round_half_up(x: float) -> int:
+    # Python's round() is banker's rounding; counts must not depend on the parity of the unit count.
+    return math.floor(x + 0.5)
+
+
+@dataclass(frozen=True)
+class UnitParams:
+    """Parameters one unit carries in one layer (weights and biases of its rows/columns)."""
+
+    head: int  # one query head: its q rows and o_proj columns
+    kv_head: int  # one KV head: its k and v rows
+    neuron: int  # one neuron: its gate/up rows and down_proj column
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How many units every layer loses (the same in every layer) and what that removes overall."""
+
+    gqa_mode: str
+    heads_removed: int  # query heads removed per layer
+    kv_heads_removed: int  # KV heads removed per layer (group mode only)
+    neurons_removed: int  # neurons removed per layer
+    params_before: int
+    params_after: int
+    target_fraction: float | None  # --ratio, if the budget came from it
+
+    @property
+    def achieved_fraction(self) -> float:
+        return 1.0 - self.params_after / self.params_before
+
+
+def head_removal(dims: Dims, gqa_mode: str, fraction: float) -> tuple[int, int]:
+    """(query heads, KV heads) removed per layer for a head fraction under a GQA mode."""
+    if gqa_mode == "query":
+        per_group = _round_half_up(fraction * dims.group_size)
+        return per_group * dims.num_kv_heads, 0
+    groups = _round_half_up(fraction * dims.num_kv_heads)
+    return groups * dims.group_size, groups
+
+
+def _params_removed(dims: Dims, units: UnitParams, heads: int, kv_heads: int, neurons: int) -> int:
+    per_layer = heads * units.head + kv_heads * units.kv_head + neurons * units.neuron
+    return dims.num_layers * per_layer
+
+
+def _check_left(dims: Dims, gqa_mode: str, heads: int, neurons: int, what: str) -> None:
+    if heads >= dims.num_heads or (gqa_mode == "query" and heads // dims.num_kv_heads >= dims.group_size):
+        raise AmpruneError(
+            f"{what} would remove every attention head of every layer ({dims.num_heads} heads); "
+            "use a smaller ratio"
+        )
+    if neurons >= dims.intermediate_size:
+        raise AmpruneError(
+            f"{what} would remove every MLP neuron of every layer ({dims.intermediate_size}); use a smaller ratio"
+        )
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if not (0.0 <= value < 1.0) or math.isnan(value):
+        raise AmpruneError(f"{name} must be in [0, 1), got {value}")
+
+
+def make_budget(
+    dims: Dims,
+    units: UnitParams,
+    total_params: int,
+    gqa_mode: str = "query",
+    ratio: float | None = None,
+    head_ratio: float | None = None,
+    mlp_ratio: float | None = None,
+) -> Budget:
+    """Validate a request and turn it into per-layer removal counts.
+
+    Either `ratio` (fraction of all parameters, AMP's c) or `head_ratio`/`mlp_ratio` (per-layer fractions
+    of heads and neurons) is given. Raises `AmpruneError` with the fix for every impossible request.
+    """
+    if gqa_mode not in GQA_MODES:
+        raise AmpruneError(f"unknown --gqa-mode '{gqa_mode}'; choose one of: {', '.join(GQA_MODES)}")
+    if ratio is not None and (head_ratio is not None or mlp_ratio is not None):
+        raise AmpruneError("give either --ratio or --head-ratio/--mlp-ratio, not both")
+    if ratio is None and head_ratio is None and mlp_ratio is None:
+        raise AmpruneError("nothing to prune: give --ratio (or --head-ratio/--mlp-ratio)")
+    if gqa_mode == "group" and dims.num_kv_heads == 1 and (ratio or head_ratio):
+        raise AmpruneError(
+            "--gqa-mode group cannot prune heads of a model with a single KV head (multi-query attention): "
+            "use --gqa-mode query, or prune the MLP only with --mlp-ratio"
+        )
+
+    if ratio is not None:
+        _check_fraction("--ratio", ratio)
+        heads, kv_heads, neurons = _solve_uniform_fraction(dims, units, total_params, gqa_mode, ratio)
+        _check_left(dims, gqa_mode, heads, neurons, f"--ratio {ratio}")
+    else:
+        head_ratio = head_ratio or 0.0
+        mlp_ratio = mlp_ratio or 0.0
+        _check_fraction("--head-ratio", head_ratio)
+        _check_fraction("--mlp-ratio", mlp_ratio)
+        heads, kv_heads = head_removal(dims, gqa_mode, head_ratio)
+        neurons = _round_half_up(mlp_ratio * dims.intermediate_size)
+        _check_left(dims, gqa_mode, heads, neurons, f"--head-ratio {head_ratio} / --mlp-ratio {mlp_ratio}")
+        if head_ratio > 0 and heads == 0:
+            units_name = "KV groups" if gqa_mode == "group" else "query heads per KV group"
+            count = dims.num_kv_heads if gqa_mode == "group" else dims.group_size
+            steps = ", ".join(f"{k}/{count}" for k in range(1, count))
+            raise AmpruneError(
+                f"--gqa-mode {gqa_mode} cannot express --head-ratio {head_ratio}: with {count} {units_name} it "
+                f"removes none; use a head ratio of at least {0.5 / count:.3g} (steps of {steps})"
+                + (" or --gqa-mode query" if gqa_mode == "group" else "")
+            )
+
+    removed = _params_removed(dims, units, heads, kv_heads, neurons)
+    return Budget(
+        gqa_mode=gqa_mode,
+        heads_removed=heads,
+        kv_heads_removed=kv_heads,
+        neurons_removed=neurons,
+        params_before=total_params,
+        params_after=total_params - removed,
+        target_fraction=ratio,
+    )
+
+
+def _solve_uniform_fraction(
+    dims: Dims, units: UnitParams, total_params: int, gqa_mode: str, ratio: float
+) -> tuple[int, int, int]:
+    """The (heads, KV heads, neurons) removed per layer for one shared fraction p, closest to `ratio`.
+
+    Every neuron count m is reached by p in [(m − ½)/I, (m + ½)/I); the head counts reachable by the same
+    p are the roundings at both ends of that interval. Enumerating m is exact and cheap.
+    """
+    inter = dims.intermediate_size
+    best: tuple[float, int, tuple[int, int, int]] | None = None
+    for m in range(inter):
+        lo = max(0.0, (m - 0.5) / inter)
+        hi = (m + 0.5) / inter - 1e-12
+        for p in (lo, hi):
+            heads, kv = head_removal(dims, gqa_mode, p)
+            achieved = _params_removed(dims, units, heads, kv, m) / total_params
+            key = (abs(achieved - ratio), m)
+            if best is None or key < best[:2]:
+                best = (key[0], key[1], (heads, kv, m))
+    assert best is not None
+    return best[2]
+
+
+@dataclass
+class LayerPlan:
+    """What one decoder layer keeps, with the scores that decided it. Indices are sorted."""
+
+    heads_kept: list[int]
+    kv_heads_kept: list[int]
+    neurons_kept: list[int]
+    head_scores: list[float]
+    neuron_scores: list[float]
+
+
+@dataclass
+class Plan:
+    """Per-layer keep lists plus everything needed to reproduce them."""
+
+    dims: Dims
+    budget: Budget
+    layers: list[LayerPlan]
+    settings: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
+
+    @property
+    def dims_after(self) -> Dims:
+        first = self.layers[0]
+        return Dims(
+            num_layers=self.dims.num_layers,
+            hidden_size=self.dims.hidden_size,
+            num_heads=len(first.heads_kept),
+            num_kv_heads=len(first.kv_heads_kept),
+            head_dim=self.dims.head_dim,
+            intermediate_size=len(first.neurons_kept),
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "format": PLAN_FORMAT,
+            "dims_before": asdict(self.dims),
+            "dims_after": asdict(self.dims_after),
+            "budget": {**asdict(self.budget), "achieved_fraction": self.budget.achieved_fraction},
+            "settings": self.settings,
+            "versions": self.versions,
+            "layers": [asdict(layer) for layer in self.layers],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Plan:
+        if data.get("format") != PLAN_FORMAT:
+            raise AmpruneError(f"not an amprune plan (format {data.get('format')!r}, expected {PLAN_FORMAT!r})")
+        budget = {k: v for k, v in data["budget"].items() if k != "achieved_fraction"}
+        return cls(
+            dims=Dims(**data["dims_before"]),
+            budget=Budget(**budget),
+            layers=[LayerPlan(**layer) for layer in data["layers"]],
+            settings=data.get("settings", {}),
+            versions=data.get("versions", {}),
+        )
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / PLAN_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Plan:
+        path = Path(folder)
+        path = path / PLAN_FILE if path.is_dir() else path
+        if not path.is_file():
+            raise AmpruneError(f"no {PLAN_FILE} in {folder}: is it a checkpoint written by `amprune prune`?")
+        return cls.from_dict(json.loads(path.read_text()))
+
+
+def _lowest(scores: torch.Tensor, count: int) -> set[int]:
+    # Stable sort: ties are broken by index, so the same scores always give the same plan.
+    order = torch.sort(scores, stable=True).indices
+    return set(order[:count].tolist())
+
+
+def select_units(head_scores: torch.Tensor, neuron_scores: torch.Tensor, dims: Dims, budget: Budget) -> list[LayerPlan]:
+    """Keep lists for every layer: drop the lowest-scoring units as many as the budget says.
+
+    Args:
+        head_scores: (L, H) one score per query head.
+        neuron_scores: (L, I) one score per neuron.
+    """
+    gs = dims.group_size
+    layers = []
+    for head_row, neuron_row in zip(head_scores.double(), neuron_scores.double()):
+        if budget.gqa_mode == "group":
+            group_scores = head_row.view(dims.num_kv_heads, gs).sum(dim=1)  # (G,)
+            dropped_groups = _lowest(group_scores, budget.kv_heads_removed)
+            kv_kept = [g for g in range(dims.num_kv_heads) if g not in dropped_groups]
+            heads_kept = [g * gs + j for g in kv_kept for j in range(gs)]
+        else:
+            per_group = budget.heads_removed // dims.num_kv_heads
+            kv_kept = list(range(dims.num_kv_heads))
+            heads_kept = []
+            for g in kv_kept:
+                dropped = _lowest(head_row[g * gs : (g + 1) * gs], per_group)
+                heads_kept += [g * gs + j for j in range(gs) if j not in dropped]
+        dropped_neurons = _lowest(neuron_row, budget.neurons_removed)
+        layers.append(
+            LayerPlan(
+                heads_kept=heads_kept,
+                kv_heads_kept=kv_kept,
+                neurons_kept=[i for i in range(dims.intermediate_size) if i not in dropped_neurons],
+                head_scores=head_row.tolist(),
+                neuron_scores=neuron_row.tolist(),
+            )
+        )
+    return layers

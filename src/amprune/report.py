@@ -1,0 +1,49 @@
+"""Human-readable summaries of a plan (used by `prune` and `inspect`)."""
+
+from __future__ import annotations
+
+from .plan import Plan
+
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB"
+
+
+def _table(rows: list[tuple[str, str, str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = []
+    for index, row in enumerate(rows):
+        lines.append("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+        if index == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def plan_summary(plan: Plan) -> str:
+    """Parameters before → after with target and achieved fractions, and the per-layer unit counts."""
+    b, before, after = plan.budget, plan.dims, plan.dims_after
+    target = f"target {b.target_fraction:.1%}" if b.target_fraction is not None else "per-layer ratios"
+    rows = [
+        ("", "before", "after"),
+        ("parameters", f"{b.params_before:,}", f"{b.params_after:,}  (−{b.achieved_fraction:.2%}; {target})"),
+        ("attention heads / layer", f"{before.num_heads}", f"{after.num_heads}"),
+        ("KV heads / layer", f"{before.num_kv_heads}", f"{after.num_kv_heads}  (--gqa-mode {b.gqa_mode})"),
+        ("MLP neurons / layer", f"{before.intermediate_size}", f"{after.intermediate_size}"),
+        ("decoder layers", f"{before.num_layers}", f"{after.num_layers}  (same sizes in every layer)"),
+    ]
+    settings = plan.settings
+    lines = [_table(rows)]
+    if settings:
+        lines.append(
+            f"model {settings.get('model')} ({settings.get('model_type')}"
+            + (f", saved as {settings['saved_as']}" if settings.get("saved_as") else "")
+            + f"); calibration {settings.get('calibration')}: {settings.get('samples')} samples × "
+            f"≤{settings.get('seq_len')} tokens ({settings.get('calibration_tokens')} tokens), seed {settings.get('seed')}"
+        )
+    return "\n".join(lines)
+
+
+def run_summary(plan: Plan, seconds: dict[str, float], peak_memory: int) -> str:
+    """The plan summary plus wall time per step and peak memory."""
+    steps = " · ".join(f"{name} {value:.1f} s" for name, value in seconds.items())
+    return f"{plan_summary(plan)}\ntime: {steps}\npeak memory: {_gib(peak_memory)}"

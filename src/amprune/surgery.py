@@ -1,0 +1,130 @@
+"""Surgery: physically remove the units a plan drops, and (separately) mask them for tests.
+
+`apply_plan` slices rows of the input-side projections (q/k/v or fused qkv; gate/up or fused gate_up)
+and columns of the output-side ones (o_proj, down_proj), updates module attributes and the config.
+`mask_plan` zeroes the dropped units' o_proj/down_proj input columns instead: the sliced model must
+compute exactly what the masked one does — that is the core test of the project.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .models.base import Dims, Family
+from .plan import LayerPlan, Plan, UnitParams
+
+# Module attributes some families cache from the config; kept in sync after slicing when present.
+_ATTENTION_ATTRS = ("num_heads", "num_attention_heads", "num_key_value_heads", "num_key_value_groups")
+_MLP_ATTRS = ("intermediate_size",)
+
+
+def _rows(units: list[int], size: int, offset: int = 0) -> list[int]:
+    """Row indices of whole units of `size` rows each, starting at `offset`."""
+    return [offset + u * size + j for u in units for j in range(size)]
+
+
+def _slice_out(linear: nn.Linear, rows: list[int]) -> None:
+    """Keep only output rows `rows` of a linear layer (weight rows and bias entries)."""
+    index = torch.tensor(rows, dtype=torch.long, device=linear.weight.device)
+    linear.weight = nn.Parameter(linear.weight.data.index_select(0, index), requires_grad=linear.weight.requires_grad)
+    if linear.bias is not None:
+        linear.bias = nn.Parameter(linear.bias.data.index_select(0, index), requires_grad=linear.bias.requires_grad)
+    linear.out_features = len(rows)
+
+
+def _slice_in(linear: nn.Linear, cols: list[int]) -> None:
+    """Keep only input columns `cols` of a linear layer (its bias is unaffected)."""
+    index = torch.tensor(cols, dtype=torch.long, device=linear.weight.device)
+    linear.weight = nn.Parameter(linear.weight.data.index_select(1, index), requires_grad=linear.weight.requires_grad)
+    linear.in_features = len(cols)
+
+
+def _set_existing(module: nn.Module, names: tuple[str, ...], values: dict[str, int]) -> None:
+    for name in names:
+        if hasattr(module, name) and name in values:
+            setattr(module, name, values[name])
+
+
+def _out_row_params(linear: nn.Linear, rows: int) -> int:
+    return rows * (linear.in_features + (1 if linear.bias is not None else 0))
+
+
+def unit_params(family: Family, layer: nn.Module, dims: Dims) -> UnitParams:
+    """Parameters carried by one head, one KV head and one neuron of `layer` (works on meta tensors)."""
+    attn, mlp = family.attention_block(layer), family.mlp_block(layer)
+    d = dims.head_dim
+    if family.qkv:
+        qkv = getattr(attn, family.qkv)
+        head = kv_head = _out_row_params(qkv, d)
+        kv_head *= 2
+    else:
+        head = _out_row_params(getattr(attn, family.q), d)
+        kv_head = _out_row_params(getattr(attn, family.k), d) + _out_row_params(getattr(attn, family.v), d)
+    head += d * getattr(attn, family.o).out_features
+    if family.gate_up:
+        neuron = _out_row_params(getattr(mlp, family.gate_up), 2)
+    else:
+        neuron = sum(_out_row_params(getattr(mlp, name), 1) for name in (family.gate, family.up) if name)
+    neuron += getattr(mlp, family.down).out_features
+    return UnitParams(head=head, kv_head=kv_head, neuron=neuron)
+
+
+def prune_layer(family: Family, layer: nn.Module, dims: Dims, keep: LayerPlan) -> None:
+    """Slice one decoder layer down to the units in `keep`."""
+    attn, mlp = family.attention_block(layer), family.mlp_block(layer)
+    d, inter = dims.head_dim, dims.intermediate_size
+    q_rows = _rows(keep.heads_kept, d)
+    kv_rows = _rows(keep.kv_heads_kept, d)
+    if family.qkv:  # fused rows: [q (H·d) | k (G·d) | v (G·d)]
+        q_size, kv_size = dims.num_heads * d, dims.num_kv_heads * d
+        fused = q_rows + [q_size + r for r in kv_rows] + [q_size + kv_size + r for r in kv_rows]
+        _slice_out(getattr(attn, family.qkv), fused)
+    else:
+        _slice_out(getattr(attn, family.q), q_rows)
+        _slice_out(getattr(attn, family.k), kv_rows)
+        _slice_out(getattr(attn, family.v), kv_rows)
+    _slice_in(getattr(attn, family.o), q_rows)
+
+    neurons = keep.neurons_kept
+    if family.gate_up:  # fused rows: [gate (I) | up (I)]
+        _slice_out(getattr(mlp, family.gate_up), neurons + [inter + i for i in neurons])
+    else:
+        for name in (family.gate, family.up):
+            if name:
+                _slice_out(getattr(mlp, name), neurons)
+    _slice_in(getattr(mlp, family.down), neurons)
+
+    heads, kv = len(keep.heads_kept), len(keep.kv_heads_kept)
+    _set_existing(
+        attn,
+        _ATTENTION_ATTRS,
+        {"num_heads": heads, "num_attention_heads": heads, "num_key_value_heads": kv, "num_key_value_groups": heads // kv},
+    )
+    _set_existing(mlp, _MLP_ATTRS, {"intermediate_size": len(neurons)})
+
+
+def update_config(config, dims_after: Dims) -> None:
+    """Write the pruned sizes into a (sizes) config, with an explicit head_dim."""
+    config.num_attention_heads = dims_after.num_heads
+    config.num_key_value_heads = dims_after.num_kv_heads
+    config.head_dim = dims_after.head_dim
+    config.intermediate_size = dims_after.intermediate_size
+
+
+def apply_plan(model: nn.Module, family: Family, plan: Plan) -> None:
+    """Physically remove every unit the plan drops; the model and its config shrink in place."""
+    for layer, keep in zip(family.decoder_layers(model), plan.layers):
+        prune_layer(family, layer, plan.dims, keep)
+    update_config(family.sizes_config(model.config), plan.dims_after)
+
+
+@torch.no_grad()
+def mask_plan(model: nn.Module, family: Family, plan: Plan) -> None:
+    """Zero the o_proj/down_proj input columns of every dropped unit; shapes stay. A test tool."""
+    d = plan.dims.head_dim
+    for layer, keep in zip(family.decoder_layers(model), plan.layers):
+        dropped_heads = sorted(set(range(plan.dims.num_heads)) - set(keep.heads_kept))
+        family.o_proj(layer).weight[:, _rows(dropped_heads, d)] = 0
+        dropped_neurons = sorted(set(range(plan.dims.intermediate_size)) - set(keep.neurons_kept))
+        family.down_proj(layer).weight[:, dropped_neurons] = 0
