@@ -35,22 +35,16 @@ def check_output_dir(out: str | Path, overwrite: bool) -> None:
         raise AmpruneError(f"cannot write --out {out}: {parent} is not a writable folder")
 
 
-def _has_biases(config) -> bool:
-    return bool(getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False))
-
-
 def saved_model_type(family: Family, config, dims_after: Dims) -> str:
     """The `model_type` the checkpoint is written as; raises if no stock config can hold the sizes."""
-    sizes = family.sizes_config(config)
     if not family.heads_must_divide_hidden or dims_after.hidden_size % dims_after.num_heads == 0:
         return config.model_type
-    accepted = [h for h in range(1, sizes.num_attention_heads + 1) if dims_after.hidden_size % h == 0]
-    if family.equivalent_model_type and not _has_biases(sizes):
+    accepted = family.accepted_head_counts(config)
+    if accepted is None:
         return family.equivalent_model_type
     raise AmpruneError(
         f"a stock '{config.model_type}' config refuses {dims_after.num_heads} attention heads with hidden size "
-        f"{dims_after.hidden_size} and this model has no equivalent stock architecture; choose a head ratio that "
-        f"keeps one of {accepted} heads"
+        f"{dims_after.hidden_size}; keep one of {sorted(accepted)} heads"
     )
 
 

@@ -87,8 +87,11 @@ def prune(request: PruneRequest) -> PruneResult:
     total_params, skeleton = _count_params(config)
     units = unit_params(family, family.decoder_layers(skeleton)[0], dims)
     budget = make_budget(
-        dims, units, total_params, request.gqa_mode, request.ratio, request.head_ratio, request.mlp_ratio
+        dims, units, total_params, request.gqa_mode, request.ratio, request.head_ratio, request.mlp_ratio,
+        accepted_heads=family.accepted_head_counts(config),
     )
+    for note in budget.notes:
+        logger.warning(note)
     if request.out is not None:
         check_output_dir(request.out, request.overwrite)
     device, dtype = resolve_device_dtype(request.device, request.dtype)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -54,6 +55,7 @@ class Budget:
     params_before: int
     params_after: int
     target_fraction: float | None  # --ratio, if the budget came from it
+    notes: list[str] = field(default_factory=list)  # adjustments the user should know about
 
     @property
     def achieved_fraction(self) -> float:
@@ -99,14 +101,21 @@ def make_budget(
     ratio: float | None = None,
     head_ratio: float | None = None,
     mlp_ratio: float | None = None,
+    accepted_heads: Collection[int] | None = None,
 ) -> Budget:
     """Validate a request and turn it into per-layer removal counts.
 
     Either `ratio` (fraction of all parameters, AMP's c) or `head_ratio`/`mlp_ratio` (per-layer fractions
-    of heads and neurons) is given. Raises `AmpruneError` with the fix for every impossible request.
+    of heads and neurons) is given. `accepted_heads` restricts the kept head count to what the stock
+    config can hold (None: any). Raises `AmpruneError` with the fix for every impossible request.
     """
+    notes: list[str] = []
     if gqa_mode not in GQA_MODES:
         raise AmpruneError(f"unknown --gqa-mode '{gqa_mode}'; choose one of: {', '.join(GQA_MODES)}")
+    if dims.group_size == 1:
+        # Plain multi-head attention: every head is its own KV group, so removing a query head removes
+        # its k/v rows too; both modes mean the same thing.
+        gqa_mode = "group"
     if ratio is not None and (head_ratio is not None or mlp_ratio is not None):
         raise AmpruneError("give either --ratio or --head-ratio/--mlp-ratio, not both")
     if ratio is None and head_ratio is None and mlp_ratio is None:
@@ -119,7 +128,9 @@ def make_budget(
 
     if ratio is not None:
         _check_fraction("--ratio", ratio)
-        heads, kv_heads, neurons = _solve_uniform_fraction(dims, units, total_params, gqa_mode, ratio)
+        heads, kv_heads, neurons = _solve_uniform_fraction(
+            dims, units, total_params, gqa_mode, ratio, accepted_heads
+        )
         _check_left(dims, gqa_mode, heads, neurons, f"--ratio {ratio}")
     else:
         head_ratio = head_ratio or 0.0
@@ -138,6 +149,13 @@ def make_budget(
                 f"removes none; use a head ratio of at least {0.5 / count:.3g} (steps of {steps})"
                 + (" or --gqa-mode query" if gqa_mode == "group" else "")
             )
+        if accepted_heads is not None and (dims.num_heads - heads) not in accepted_heads:
+            wanted = heads
+            heads, kv_heads = _nearest_accepted(dims, gqa_mode, heads, accepted_heads)
+            notes.append(
+                f"the stock config accepts only {sorted(accepted_heads)} heads: keeping {dims.num_heads - heads} "
+                f"heads per layer instead of {dims.num_heads - wanted}"
+            )
 
     removed = _params_removed(dims, units, heads, kv_heads, neurons)
     return Budget(
@@ -148,11 +166,34 @@ def make_budget(
         params_before=total_params,
         params_after=total_params - removed,
         target_fraction=ratio,
+        notes=notes,
     )
 
 
+def _removal_options(dims: Dims, gqa_mode: str) -> list[tuple[int, int]]:
+    """Every (query heads, KV heads) removal per layer a GQA mode can express, fewest first."""
+    if gqa_mode == "query":
+        return [(r * dims.num_kv_heads, 0) for r in range(dims.group_size)]
+    return [(r * dims.group_size, r) for r in range(dims.num_kv_heads)]
+
+
+def _nearest_accepted(dims: Dims, gqa_mode: str, heads: int, accepted: Collection[int]) -> tuple[int, int]:
+    options = [o for o in _removal_options(dims, gqa_mode) if dims.num_heads - o[0] in accepted]
+    if not options:
+        raise AmpruneError(
+            f"no head count reachable with --gqa-mode {gqa_mode} is accepted by the stock config "
+            f"({sorted(accepted)}); prune the MLP only (--mlp-ratio)"
+        )
+    return min(options, key=lambda o: (abs(o[0] - heads), o[0]))
+
+
 def _solve_uniform_fraction(
-    dims: Dims, units: UnitParams, total_params: int, gqa_mode: str, ratio: float
+    dims: Dims,
+    units: UnitParams,
+    total_params: int,
+    gqa_mode: str,
+    ratio: float,
+    accepted_heads: Collection[int] | None = None,
 ) -> tuple[int, int, int]:
     """The (heads, KV heads, neurons) removed per layer for one shared fraction p, closest to `ratio`.
 
@@ -166,11 +207,17 @@ def _solve_uniform_fraction(
         hi = (m + 0.5) / inter - 1e-12
         for p in (lo, hi):
             heads, kv = head_removal(dims, gqa_mode, p)
+            if accepted_heads is not None and dims.num_heads - heads not in accepted_heads:
+                continue
             achieved = _params_removed(dims, units, heads, kv, m) / total_params
             key = (abs(achieved - ratio), m)
             if best is None or key < best[:2]:
                 best = (key[0], key[1], (heads, kv, m))
-    assert best is not None
+    if best is None:
+        raise AmpruneError(
+            f"no head count reachable with --gqa-mode {gqa_mode} is accepted by the stock config "
+            f"({sorted(accepted_heads or [])}); prune the MLP only (--mlp-ratio)"
+        )
     return best[2]
 
 

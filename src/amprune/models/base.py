@@ -56,6 +56,18 @@ class Family:
         """The (sub-)config that holds the decoder sizes: `config` itself or its text config."""
         return getattr(config, self.text_config) if self.text_config else config
 
+    def accepted_head_counts(self, config) -> set[int] | None:
+        """Head counts a stock checkpoint of this model can hold, or None for any count.
+
+        A family whose config wants heads to divide `hidden_size` accepts any count anyway when it has
+        a bias-free equivalent architecture to save as (see `equivalent_model_type`).
+        """
+        sizes = self.sizes_config(config)
+        has_bias = getattr(sizes, "attention_bias", False) or getattr(sizes, "mlp_bias", False)
+        if not self.heads_must_divide_hidden or (self.equivalent_model_type and not has_bias):
+            return None
+        return {h for h in range(1, sizes.num_attention_heads + 1) if sizes.hidden_size % h == 0}
+
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         module = model
         for part in self.layers.split("."):
