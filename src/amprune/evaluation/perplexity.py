@@ -33,9 +33,7 @@ def evaluation_text(source: str) -> str:
         return packaged_text(source, part="evaluation")
     path = Path(source)
     if not path.is_file():
-        raise AmpruneError(
-            f"perplexity text not found: {source} (use {' or '.join(PACKAGED_TEXTS)}, or a .txt file)"
-        )
+        raise AmpruneError(f"perplexity text not found: {source} (use {' or '.join(PACKAGED_TEXTS)}, or a .txt file)")
     return path.read_text(encoding="utf-8")
 
 
@@ -95,4 +93,11 @@ def perplexity(
     logger.info("perplexity on %s: %d windows of %d tokens", source, count, seq_len)
     predicted = count * (seq_len - 1)
     nll = windows_nll(model, windows, batch_size, progress).item() / predicted
-    return {"source": source, "seq_len": seq_len, "windows": count, "tokens": predicted, "ppl": math.exp(nll), "nll": nll}
+    return {
+        "source": source,
+        "seq_len": seq_len,
+        "windows": count,
+        "tokens": predicted,
+        "ppl": math.exp(nll),
+        "nll": nll,
+    }

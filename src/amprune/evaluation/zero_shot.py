@@ -162,9 +162,7 @@ def zero_shot(model, tokenizer, tasks: str | list[str] = "amp5", limit: int | No
     per_task = {}
     for name in names:
         spec, metrics = TASKS[name], raw["results"][TASK_PREFIX + name]
-        entry = {
-            key: metrics[f"{key},none"] for key in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
-        }
+        entry = {key: metrics[f"{key},none"] for key in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")}
         entry.update(
             headline_metric=spec.headline,
             headline=entry[spec.headline],
