@@ -64,7 +64,13 @@ def _as_model_type(model, model_type: str):
         converted = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
     converted.load_state_dict(model.state_dict(), assign=True, strict=True)
     converted.tie_weights()
-    return converted.to(model.device).eval()
+    # Non-persistent buffers (the rotary inv_freq) are not in the state dict: same config, same values.
+    source_buffers = dict(model.named_buffers())
+    for name, buffer in list(converted.named_buffers()):
+        if buffer.is_meta:
+            owner, _, attr = name.rpartition(".")
+            converted.get_submodule(owner).register_buffer(attr, source_buffers[name].clone(), persistent=False)
+    return converted.eval()
 
 
 def save_checkpoint(model, tokenizer, plan: Plan, family: Family, out: str | Path, overwrite: bool = False) -> Path:

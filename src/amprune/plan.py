@@ -307,7 +307,7 @@ def select_units(head_scores: torch.Tensor, neuron_scores: torch.Tensor, dims: D
     """
     gs = dims.group_size
     layers = []
-    for head_row, neuron_row in zip(head_scores.double(), neuron_scores.double()):
+    for head_row, neuron_row in zip(head_scores.double(), neuron_scores.double(), strict=True):
         if budget.gqa_mode == "group":
             group_scores = head_row.view(dims.num_kv_heads, gs).sum(dim=1)  # (G,)
             dropped_groups = _lowest(group_scores, budget.kv_heads_removed)

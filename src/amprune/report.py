@@ -38,7 +38,8 @@ def plan_summary(plan: Plan) -> str:
             f"model {settings.get('model')} ({settings.get('model_type')}"
             + (f", saved as {settings['saved_as']}" if settings.get("saved_as") else "")
             + f"); calibration {settings.get('calibration')}: {settings.get('samples')} samples × "
-            f"≤{settings.get('seq_len')} tokens ({settings.get('calibration_tokens')} tokens), seed {settings.get('seed')}"
+            f"≤{settings.get('seq_len')} tokens ({settings.get('calibration_tokens')} tokens), "
+            f"seed {settings.get('seed')}"
         )
     return "\n".join(lines)
 

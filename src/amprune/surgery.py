@@ -96,11 +96,8 @@ def prune_layer(family: Family, layer: nn.Module, dims: Dims, keep: LayerPlan) -
     _slice_in(getattr(mlp, family.down), neurons)
 
     heads, kv = len(keep.heads_kept), len(keep.kv_heads_kept)
-    _set_existing(
-        attn,
-        _ATTENTION_ATTRS,
-        {"num_heads": heads, "num_attention_heads": heads, "num_key_value_heads": kv, "num_key_value_groups": heads // kv},
-    )
+    sizes = {"num_heads": heads, "num_attention_heads": heads, "num_key_value_heads": kv}
+    _set_existing(attn, _ATTENTION_ATTRS, {**sizes, "num_key_value_groups": heads // kv})
     _set_existing(mlp, _MLP_ATTRS, {"intermediate_size": len(neurons)})
 
 
@@ -114,7 +111,7 @@ def update_config(config, dims_after: Dims) -> None:
 
 def apply_plan(model: nn.Module, family: Family, plan: Plan) -> None:
     """Physically remove every unit the plan drops; the model and its config shrink in place."""
-    for layer, keep in zip(family.decoder_layers(model), plan.layers):
+    for layer, keep in zip(family.decoder_layers(model), plan.layers, strict=True):
         prune_layer(family, layer, plan.dims, keep)
     update_config(family.sizes_config(model.config), plan.dims_after)
 
@@ -123,7 +120,7 @@ def apply_plan(model: nn.Module, family: Family, plan: Plan) -> None:
 def mask_plan(model: nn.Module, family: Family, plan: Plan) -> None:
     """Zero the o_proj/down_proj input columns of every dropped unit; shapes stay. A test tool."""
     d = plan.dims.head_dim
-    for layer, keep in zip(family.decoder_layers(model), plan.layers):
+    for layer, keep in zip(family.decoder_layers(model), plan.layers, strict=True):
         dropped_heads = sorted(set(range(plan.dims.num_heads)) - set(keep.heads_kept))
         family.o_proj(layer).weight[:, _rows(dropped_heads, d)] = 0
         dropped_neurons = sorted(set(range(plan.dims.intermediate_size)) - set(keep.neurons_kept))

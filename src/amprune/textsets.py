@@ -42,7 +42,8 @@ def _documents(name: str) -> tuple[str, ...]:
         docs = [d.strip() for d in _WIKI_DOC.findall(raw)]
     else:  # one C4 document per line
         docs = [line.strip() for line in raw.splitlines()]
-    return tuple(d for d in docs if d)
+    # The C4 file repeats a few documents: dedupe (keeping order) so the two halves share no text.
+    return tuple(dict.fromkeys(d for d in docs if d))
 
 
 def packaged_text(name: str, part: str) -> str:

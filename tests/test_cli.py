@@ -1,0 +1,119 @@
+"""`amprune prune` / `inspect` / `list` end to end on tiny models, and every bad input as one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import char_tokenizer, save_tiny
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+from amprune.cli import main
+from amprune.models import supported_model_types
+
+CALIB = ["--samples", "4", "--seq-len", "32"]
+
+
+@pytest.fixture
+def tiny_folder(tmp_path):
+    return save_tiny(tmp_path / "dense", "llama_gqa")
+
+
+def prune(args, capsys):
+    code = main(["--quiet", "prune", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_prune_inspect_and_reload(tiny_folder, calib_text, tmp_path, capsys):
+    out_dir = tmp_path / "pruned"
+    code, out, err = prune(["--model", tiny_folder, "--ratio", "0.3", "--calib", calib_text, *CALIB,
+                            "--out", str(out_dir)], capsys)
+    assert code == 0, err
+    plan = json.loads((out_dir / "amprune_plan.json").read_text())
+    assert plan["budget"]["target_fraction"] == 0.3
+    assert plan["settings"]["calibration"] == calib_text and plan["settings"]["samples"] == 4
+    assert len(plan["layers"]) == 2 and len(plan["layers"][0]["head_scores"]) == 6
+    assert "parameters" in out and "attention heads / layer" in out and "peak memory" in out
+    model = AutoModelForCausalLM.from_pretrained(out_dir)
+    assert sum(p.numel() for p in model.parameters()) == plan["budget"]["params_after"]
+    assert main(["inspect", str(out_dir)]) == 0
+    shown = capsys.readouterr().out
+    assert f"{plan['budget']['params_after']:,}" in shown and "--gqa-mode query" in shown
+
+
+def test_same_command_twice_gives_the_same_plan(tiny_folder, calib_text, tmp_path, capsys):
+    plans = []
+    for name in ("a", "b"):
+        args = ["--model", tiny_folder, "--head-ratio", "0.34", "--mlp-ratio", "0.5", "--gqa-mode", "group",
+                "--calib", calib_text, *CALIB, "--seed", "7", "--out", str(tmp_path / name)]
+        assert prune(args, capsys)[0] == 0
+        plans.append(json.loads((tmp_path / name / "amprune_plan.json").read_text()))
+    assert plans[0]["layers"] == plans[1]["layers"]
+    assert len(plans[0]["layers"][0]["kv_heads_kept"]) == 1
+
+
+def test_list_shows_every_family(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert all(t in out for t in supported_model_types())
+
+
+@pytest.fixture
+def gpt2_folder(tmp_path):
+    model = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=128, n_positions=64))
+    model.save_pretrained(tmp_path / "gpt2")
+    char_tokenizer().save_pretrained(tmp_path / "gpt2")
+    return str(tmp_path / "gpt2")
+
+
+@pytest.fixture
+def mqa_folder(tmp_path):
+    return save_tiny(tmp_path / "mqa", "mistral", num_key_value_heads=1)
+
+
+@pytest.fixture
+def nan_folder(tmp_path):
+    folder = save_tiny(tmp_path / "nan", "mistral")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        model.model.layers[0].mlp.gate_proj.weight.fill_(float("nan"))
+    model.save_pretrained(folder)
+    return folder
+
+
+BAD = [
+    ("gpt2", ["--ratio", "0.3"], "unsupported model_type 'gpt2'. Supported: "),
+    ("dense", ["--ratio", "1.5"], "--ratio must be in [0, 1), got 1.5"),
+    ("dense", ["--head-ratio", "0.95"], "would remove every attention head of every layer"),
+    ("dense", ["--mlp-ratio", "0.999"], "would remove every MLP neuron of every layer"),
+    ("mqa", ["--ratio", "0.3", "--gqa-mode", "group"],
+     "--gqa-mode group cannot prune heads of a model with a single KV head"),
+    ("dense", ["--head-ratio", "0.1", "--gqa-mode", "group"], "--gqa-mode group cannot express --head-ratio 0.1"),
+    ("missing", ["--ratio", "0.3"], "model not found: "),
+    ("dense", ["--ratio", "0.3", "--calib", "missing.jsonl"], "calibration source 'missing.jsonl' is neither"),
+    ("dense", ["--ratio", "0.3", "--samples", "500"], "too short for --samples 500 × --seq-len 32"),
+    ("nan", ["--ratio", "0.3"], "non-finite activations in decoder layer 0"),
+    ("full", ["--ratio", "0.3"], "is not empty; pass --overwrite to replace it"),
+    ("dense", ["--ratio", "0.3", "--batch-size", "0"], "--batch-size must be positive, got 0"),
+]
+
+
+@pytest.mark.parametrize("model, args, message", BAD, ids=[m for _, _, m in BAD])
+def test_bad_input_is_one_line_and_exit_2(model, args, message, request, tmp_path, calib_text, capsys):
+    folders = {"dense": "tiny_folder", "gpt2": "gpt2_folder", "mqa": "mqa_folder", "nan": "nan_folder"}
+    model_arg = request.getfixturevalue(folders[model]) if model in folders else str(tmp_path / "nowhere")
+    out_dir = tmp_path / "out"
+    if model == "full":
+        model_arg = request.getfixturevalue("tiny_folder")
+        out_dir.mkdir()
+        (out_dir / "something").write_text("x")
+    argv = ["--model", model_arg, "--calib", calib_text, *CALIB, "--out", str(out_dir), *args]
+    capsys.readouterr()  # drop what building the fixtures printed
+    code, _, err = prune(argv, capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("amprune: error: ") and message in lines[0], err
+    if model != "full":
+        assert not out_dir.exists()
