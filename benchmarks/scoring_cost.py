@@ -1,0 +1,120 @@
+"""Cost of AMP's scoring pass against a plain forward pass over the same calibration tokens.
+
+Three passes over identical batches of the packaged SmolLM2-135M-Instruct:
+  plain     model(input_ids)            full forward with the LM head (what a user runs anyway)
+  decoder   model.base_model(input_ids) the same without the LM head (the stricter reference)
+  scoring   amprune's calibration pass  decoder + hooks that compute both AMP statistics
+
+Time: the passes run alternately, `--repeats` rounds, in one process; medians are compared.
+Memory: each pass runs once more in a fresh subprocess; we report its peak RSS and the peak above the
+RSS after loading (the model weights), since a process's peak RSS only ever grows.
+
+Usage: python benchmarks/scoring_cost.py [--samples 48 --seq-len 512 --batch-size 8 --repeats 3] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+
+import torch
+
+from amprune.calibration import batches, calibration_set, collect_amp_stats
+from amprune.models import Dims, get_family
+from amprune.models.loading import load_model, load_tokenizer, resolve_model
+
+PASSES = ("plain", "decoder", "scoring")
+
+
+def setup(args):
+    source = resolve_model(None)
+    tokenizer = load_tokenizer(source)
+    model = load_model(source, torch.device("cpu"), torch.float32)
+    calib = calibration_set("c4", tokenizer, args.samples, args.seq_len, seed=0)
+    return model, calib
+
+
+def run_pass(name: str, model, calib, batch_size: int) -> None:
+    if name == "scoring":
+        family = get_family(model.config.model_type)
+        collect_amp_stats(model, family, Dims.from_config(model.config), calib, batch_size, progress=False).scores()
+        return
+    forward = model if name == "plain" else model.base_model
+    with torch.inference_mode():
+        for ids, mask in batches(calib.samples, batch_size, pad_id=0):
+            forward(input_ids=ids, attention_mask=mask, use_cache=False)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * resource.getpagesize()
+
+
+def memory_child(args) -> None:
+    """Runs in a subprocess: one pass, then prints peak RSS and RSS after loading as JSON."""
+    model, calib = setup(args)
+    loaded = rss_bytes()
+    run_pass(args.child, model, calib, args.batch_size)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"loaded": loaded, "peak": peak}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=48)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json")
+    parser.add_argument("--child", choices=PASSES, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return memory_child(args)
+
+    model, calib = setup(args)
+    run_pass("decoder", model, calib, args.batch_size)  # warm-up
+    seconds = {name: [] for name in PASSES}
+    for _ in range(args.repeats):
+        for name in PASSES:
+            start = time.perf_counter()
+            run_pass(name, model, calib, args.batch_size)
+            seconds[name].append(time.perf_counter() - start)
+    median = {name: statistics.median(values) for name, values in seconds.items()}
+
+    memory = {}
+    for name in PASSES:
+        cmd = [sys.executable, __file__, "--child", name, "--samples", str(args.samples), "--seq-len",
+               str(args.seq_len), "--batch-size", str(args.batch_size)]
+        memory[name] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+
+    result = {
+        "command": "python " + " ".join(sys.argv),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, CPU",
+        "model": "SmolLM2-135M-Instruct (packaged Q4_1 GGUF, dequantized to float32)",
+        "calibration": f"c4 calibration half, {calib.num_tokens} tokens = {len(calib.samples)} × {args.seq_len}",
+        "seconds": seconds,
+        "median_seconds": median,
+        "time_ratio_vs_plain": median["scoring"] / median["plain"],
+        "time_ratio_vs_decoder": median["scoring"] / median["decoder"],
+        "memory": memory,
+        "peak_ratio_vs_plain": memory["scoring"]["peak"] / memory["plain"]["peak"],
+        "peak_ratio_vs_decoder": memory["scoring"]["peak"] / memory["decoder"]["peak"],
+        "activation_peak_ratio_vs_decoder": (memory["scoring"]["peak"] - memory["scoring"]["loaded"])
+        / (memory["decoder"]["peak"] - memory["decoder"]["loaded"]),
+    }
+    print(json.dumps(result, indent=1))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(result, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
