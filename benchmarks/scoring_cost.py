@@ -5,11 +5,13 @@ Three passes over identical batches of the packaged SmolLM2-135M-Instruct:
   decoder   model.base_model(input_ids) the same without the LM head (the stricter reference)
   scoring   amprune's calibration pass  decoder + hooks that compute both AMP statistics
 
-Time: the passes run alternately, `--repeats` rounds, in one process; medians are compared.
+Time: the passes run alternately, `--repeats` rounds, in one process; medians are compared. Both wall
+time and process CPU time are recorded: on a shared machine CPU time is the steadier measure of the
+work a pass does.
 Memory: each pass runs once more in a fresh subprocess; we report its peak RSS and the peak above the
 RSS after loading (the model weights), since a process's peak RSS only ever grows.
 
-Usage: python benchmarks/scoring_cost.py [--samples 48 --seq-len 512 --batch-size 8 --repeats 3] [--json out.json]
+Usage: python benchmarks/scoring_cost.py [--samples 48 --seq-len 512 --batch-size 8 --repeats 5] [--json out.json]
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=48)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json")
     parser.add_argument("--child", choices=PASSES, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -81,12 +83,15 @@ def main() -> None:
     model, calib = setup(args)
     run_pass("decoder", model, calib, args.batch_size)  # warm-up
     seconds = {name: [] for name in PASSES}
+    cpu_seconds = {name: [] for name in PASSES}
     for _ in range(args.repeats):
         for name in PASSES:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             run_pass(name, model, calib, args.batch_size)
             seconds[name].append(time.perf_counter() - start)
+            cpu_seconds[name].append(time.process_time() - start_cpu)
     median = {name: statistics.median(values) for name, values in seconds.items()}
+    median_cpu = {name: statistics.median(values) for name, values in cpu_seconds.items()}
 
     memory = {}
     for name in PASSES:
@@ -102,8 +107,12 @@ def main() -> None:
         "calibration": f"c4 calibration half, {calib.num_tokens} tokens = {len(calib.samples)} × {args.seq_len}",
         "seconds": seconds,
         "median_seconds": median,
+        "cpu_seconds": cpu_seconds,
+        "median_cpu_seconds": median_cpu,
         "time_ratio_vs_plain": median["scoring"] / median["plain"],
         "time_ratio_vs_decoder": median["scoring"] / median["decoder"],
+        "cpu_time_ratio_vs_plain": median_cpu["scoring"] / median_cpu["plain"],
+        "cpu_time_ratio_vs_decoder": median_cpu["scoring"] / median_cpu["decoder"],
         "memory": memory,
         "peak_ratio_vs_plain": memory["scoring"]["peak"] / memory["plain"]["peak"],
         "peak_ratio_vs_decoder": memory["scoring"]["peak"] / memory["decoder"]["peak"],
