@@ -73,14 +73,17 @@ def _as_model_type(model, model_type: str):
     return converted.eval()
 
 
-def save_checkpoint(model, tokenizer, plan: Plan, family: Family, out: str | Path, overwrite: bool = False) -> Path:
+def save_checkpoint(
+    model, tokenizer, plan: Plan | None, family: Family, out: str | Path, overwrite: bool = False
+) -> Path:
     """Write model, tokenizer and plan into `out` through a temporary folder and one rename.
 
     An interrupted run leaves `out` as it was: the new checkpoint appears whole or not at all.
+    `plan=None` (a model that came without an amprune plan) saves the model as it is, with no plan file.
     """
     out = Path(out)
     check_output_dir(out, overwrite)
-    model_type = saved_model_type(family, model.config, plan.dims_after)
+    model_type = model.config.model_type if plan is None else saved_model_type(family, model.config, plan.dims_after)
     to_save = _as_model_type(model, model_type)
     if model_type != model.config.model_type:
         logger.info("saving as '%s' (identical forward): the stock '%s' config refuses %d heads", model_type,
@@ -91,7 +94,8 @@ def save_checkpoint(model, tokenizer, plan: Plan, family: Family, out: str | Pat
     try:
         to_save.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        plan.save(staging)
+        if plan is not None:
+            plan.save(staging)
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, trash / out.name)

@@ -36,6 +36,10 @@ def _add_prune(sub) -> None:
     p.add_argument("--model", help="HF folder, .gguf file or hub id (default: the packaged SmolLM2-135M-Instruct)")
     p.add_argument("--out", required=True, help="output folder for the pruned checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument(
+        "--reconstruct", action="store_true",
+        help="re-fit every layer's o_proj/down_proj by least squares on the calibration tokens (no training)",
+    )
     budget = p.add_argument_group("how much to prune")
     budget.add_argument("--ratio", type=_fraction, help="fraction of all parameters to remove, in [0, 1) (AMP's c)")
     budget.add_argument("--head-ratio", type=_fraction, help="fraction of attention heads per layer (instead of --ratio)")
@@ -69,11 +73,65 @@ def _run_prune(args) -> None:
             out=args.out, model=args.model, ratio=args.ratio, head_ratio=args.head_ratio, mlp_ratio=args.mlp_ratio,
             gqa_mode=args.gqa_mode, calib=args.calib, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
             batch_size=args.batch_size, dtype=args.dtype, device=args.device, overwrite=args.overwrite,
-            verify=not args.no_verify, progress=not args.quiet,
+            verify=not args.no_verify, progress=not args.quiet, reconstruct=args.reconstruct,
         )
     )
     print(run_summary(result.plan, result.seconds, result.peak_memory_bytes))
     print(f"saved: {result.out}  (loads with AutoModelForCausalLM.from_pretrained)")
+
+
+RECOVER_EXAMPLES = """examples:
+  amprune recover --model pruned/ --out recovered/                 # the paper's LoRA: rank 8, 2 epochs on C4
+  amprune recover --model pruned/ --out recovered/ --max-steps 100  # bounded, for a CPU
+"""
+
+
+def _add_recover(sub) -> None:
+    p = sub.add_parser(
+        "recover",
+        help="LoRA-fine-tune a pruned checkpoint and save it merged, as a standard checkpoint",
+        epilog=RECOVER_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="a folder written by `amprune prune` (or any supported model)")
+    p.add_argument("--out", required=True, help="output folder for the recovered checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    lora = p.add_argument_group("LoRA (defaults: the paper's)")
+    lora.add_argument("--rank", type=int, default=8, help="LoRA rank (default: 8)")
+    lora.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default: 16)")
+    lora.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (default: 0.05)")
+    lora.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate, decaying linearly (default: 3e-4)")
+    lora.add_argument("--epochs", type=int, default=2, help="passes over the text (default: 2)")
+    lora.add_argument("--batch-size", type=int, default=1, help="windows per step (default: 1)")
+    data = p.add_argument_group("training text and cost bounds")
+    data.add_argument("--text", default="c4", help="packaged text, its calibration half: c4 | wiki (default: c4)")
+    data.add_argument("--seq-len", type=int, default=512, help="tokens per window (default: 512)")
+    data.add_argument("--max-steps", type=int, help="stop after this many steps")
+    data.add_argument("--max-tokens", type=int, help="stop before training on more than this many tokens")
+    data.add_argument("--seed", type=int, default=0, help="seed for LoRA init and shuffling (default: 0)")
+    run = p.add_argument_group("runtime")
+    run.add_argument("--dtype", help="float32 (default on CPU) | bfloat16 (default on CUDA) | float16")
+    run.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
+    run.add_argument("--no-verify", action="store_true", help="skip reloading the saved checkpoint to compare logits")
+    p.set_defaults(handler=_run_recover)
+
+
+def _run_recover(args) -> None:
+    from .recovery import RecoverRequest, recover
+
+    result = recover(
+        RecoverRequest(
+            model=args.model, out=args.out, text=args.text, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
+            lr=args.lr, seq_len=args.seq_len, epochs=args.epochs, batch_size=args.batch_size,
+            max_steps=args.max_steps, max_tokens=args.max_tokens, seed=args.seed, dtype=args.dtype,
+            device=args.device, overwrite=args.overwrite, verify=not args.no_verify, progress=not args.quiet,
+        )
+    )
+    losses = result.losses
+    steps = " · ".join(f"{name} {value:.1f} s" for name, value in result.seconds.items())
+    print(f"LoRA recovery: {len(losses)} steps, loss {losses[0]:.3f} → {losses[-1]:.3f}")
+    print(f"time: {steps}\npeak memory: {result.peak_memory_bytes / 2**30:.2f} GiB")
+    print(f"saved: {result.out}  (adapters merged; loads with AutoModelForCausalLM.from_pretrained)")
 
 
 def _add_inspect(sub) -> None:
@@ -109,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_prune(sub)
+    _add_recover(sub)
     _add_inspect(sub)
     _add_list(sub)
     return parser

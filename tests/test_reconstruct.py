@@ -1,0 +1,207 @@
+"""Reconstruction: closed-form least squares against brute force, exact cases, guarantees, bad input."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from conftest import max_diff, save_tiny, tiny_model
+from transformers import AutoModelForCausalLM
+
+from amprune.calibration import CalibrationSet
+from amprune.models import Dims, get_family
+from amprune.pipeline import PruneRequest, prune
+from amprune.plan import LayerPlan, Plan, make_budget
+from amprune.reconstruct import Gram, IllConditionedError, calibration_error, reconstruct, refit
+from amprune.surgery import apply_plan, unit_params
+
+
+def _gram(x: torch.Tensor) -> Gram:
+    gram = Gram.zeros(x.shape[1])
+    gram.add(x)
+    return gram
+
+
+def _plan(model, heads_kept: list[int], neurons_kept: list[int], head_ratio: float, mlp_ratio: float) -> Plan:
+    """The same keep lists in every layer, with the budget that removes that many units."""
+    family = get_family(model.config.model_type)
+    dims = Dims.from_config(model.config)
+    units = unit_params(family, family.decoder_layers(model)[0], dims)
+    total = sum(p.numel() for p in model.parameters())
+    budget = make_budget(dims, units, total, "query", None, head_ratio, mlp_ratio)
+    kv = sorted({h // dims.group_size for h in heads_kept})
+    layer = LayerPlan(heads_kept, kv, neurons_kept, [0.0] * dims.num_heads, [0.0] * dims.intermediate_size)
+    plan = Plan(dims, budget, [copy.deepcopy(layer) for _ in range(dims.num_layers)])
+    assert plan.dims_after.num_heads == len(heads_kept) and plan.dims_after.intermediate_size == len(neurons_kept)
+    return plan
+
+
+def _calib(lengths: list[int], seed: int = 0) -> CalibrationSet:
+    """Random token samples of the given lengths (unequal lengths make padded batches)."""
+    generator = torch.Generator().manual_seed(seed)
+    return CalibrationSet([torch.randint(4, 100, (n,), generator=generator) for n in lengths], "test", max(lengths), 0)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_refit_is_the_damped_least_squares_solution(with_bias):
+    torch.manual_seed(0)
+    x = torch.randn(300, 12) @ torch.randn(12, 12) + 0.5  # correlated channels with a mean
+    weight, bias = torch.randn(5, 12), (torch.randn(5) if with_bias else None)
+    kept = [0, 2, 3, 5, 7, 8, 11]
+    gram = _gram(x)
+    target = x.double() @ weight.double().T + (0 if bias is None else bias.double())
+    inputs = x.double()[:, kept]
+    if with_bias:
+        inputs = torch.cat([inputs, torch.ones(len(x), 1, dtype=torch.float64)], 1)
+    # Brute force, no damping: ordinary least squares on the kept channels (plus the constant).
+    expected = torch.linalg.lstsq(inputs, target).solution.T
+    new_weight, new_bias = refit(weight, bias, gram, kept, damping=0.0)
+    assert torch.allclose(new_weight.double(), expected[:, : len(kept)], atol=1e-4), max_diff(new_weight, expected)
+    if with_bias:
+        assert torch.allclose(new_bias.double(), expected[:, -1], atol=1e-4)
+    # Damped: the ridge solution pulled towards the plain-surgery weights, from its normal equations.
+    lam = 0.3 * gram.xtx[kept][:, kept].diagonal().mean()
+    start = torch.cat([weight[:, kept], bias[:, None]], 1).double() if with_bias else weight[:, kept].double()
+    eye = torch.eye(inputs.shape[1], dtype=torch.float64)
+    ridge = torch.linalg.solve(inputs.T @ inputs + lam * eye, inputs.T @ target + lam * start.T).T
+    new_weight, new_bias = refit(weight, bias, gram, kept, damping=0.3)
+    assert torch.allclose(new_weight.double(), ridge[:, : len(kept)], atol=1e-4)
+
+
+@pytest.mark.parametrize("damping", [0.0, 0.01, 1.0])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_refit_error_never_exceeds_plain_surgery(damping, with_bias):
+    torch.manual_seed(1)
+    x = torch.randn(200, 10) @ torch.randn(10, 10)
+    weight, bias = torch.randn(4, 10), (torch.randn(4) if with_bias else None)
+    kept = [1, 2, 4, 6, 9]
+    gram = _gram(x)
+    new_weight, new_bias = refit(weight, bias, gram, kept, damping)
+
+    def brute(w_k, b):
+        out = x[:, kept] @ w_k.T + (0 if b is None else b)
+        target = x @ weight.T + (0 if bias is None else bias)
+        return ((out - target).pow(2).sum() / target.pow(2).sum()).item()
+
+    surgery, refitted = brute(weight[:, kept], bias), brute(new_weight, new_bias)
+    assert refitted <= surgery
+    assert refitted < 0.9 * surgery  # correlated channels: the re-fit recovers a good part
+    assert calibration_error(weight, bias, weight[:, kept], bias, kept, gram) == pytest.approx(surgery, rel=1e-4)
+    assert calibration_error(weight, bias, new_weight, new_bias, kept, gram) == pytest.approx(refitted, rel=1e-4)
+
+
+def test_refit_refuses_singular_and_zero_systems():
+    weight = torch.randn(3, 4)
+    x = torch.randn(50, 4)
+    x[:, 1] = x[:, 0]  # two identical kept channels: singular without damping
+    with pytest.raises(IllConditionedError, match=r"singular|ill-conditioned"):
+        refit(weight, None, _gram(x), [0, 1, 2], damping=0.0)
+    x[:, :3] = 0  # the kept channels never fire
+    with pytest.raises(IllConditionedError, match="all zero"):
+        refit(weight, None, _gram(x), [0, 1, 2])
+
+
+def test_nothing_pruned_returns_the_original_weights():
+    model = tiny_model("llama_gqa")
+    original = {name: p.clone() for name, p in model.named_parameters()}
+    plan = _plan(model, list(range(6)), list(range(40)), 0.0, 0.0)
+    reconstruct(model, get_family("llama"), plan, _calib([20, 32, 32]), batch_size=2, progress=False)
+    for name, param in model.named_parameters():
+        assert torch.equal(param, original[name]), name
+
+
+def _make_redundant(model) -> None:
+    """In every layer, head 2 duplicates head 0, head 5 duplicates head 3 (same KV group, same queries), and
+    neurons 30..39 are fixed multiples of neurons 0..9: the removed units are linear in the kept ones."""
+    family = get_family(model.config.model_type)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in family.decoder_layers(model):
+            q = layer.self_attn.q_proj.weight  # (H·d, D), d = 8
+            q[16:24] = q[0:8]
+            q[40:48] = q[24:32]
+            mlp = layer.mlp
+            mlp.gate_proj.weight[30:40] = mlp.gate_proj.weight[0:10]
+            mlp.up_proj.weight[30:40] = mlp.up_proj.weight[0:10] * torch.randn(10, 1, generator=generator)
+
+
+def test_removed_units_that_are_linear_in_kept_ones_are_reconstructed_exactly():
+    model = tiny_model("llama_gqa")  # 6 heads in 2 KV groups, 40 neurons, 2 layers
+    _make_redundant(model)
+    family = get_family("llama")
+    plan = _plan(model, [0, 1, 3, 4], list(range(30)), 1 / 3, 0.25)
+    probe = torch.randint(4, 100, (2, 24), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        dense = model(probe).logits
+        plain = copy.deepcopy(model)
+        apply_plan(plain, family, plan)
+        assert (plain(probe).logits - dense).abs().max() > 0.1  # plain surgery loses the removed units
+        reconstruct(model, family, plan, _calib([40, 33, 40, 25, 40, 40]), batch_size=4, damping=0.0, progress=False)
+        assert [p.shape for p in model.parameters()] == [p.shape for p in plain.parameters()]
+        assert torch.allclose(model(probe).logits, dense, atol=1e-3), max_diff(model(probe).logits, dense)
+
+
+def test_report_matches_brute_force_and_refit_beats_surgery_in_every_layer():
+    model = tiny_model("qwen2")  # q/k/v biases; 4 heads in 2 KV groups, 40 neurons
+    family = get_family("qwen2")
+    dense = copy.deepcopy(model)
+    plan = _plan(model, [0, 2], sorted([*range(0, 40, 2), 1, 3, 5]), 0.5, 0.425)
+    calib = _calib([30, 24, 30, 17, 30])
+    report = reconstruct(model, family, plan, calib, batch_size=2, progress=False)
+    errors = report["relative_calibration_error"]
+    assert len(errors) == 2 and report["mode"] == "sequential"
+    for layer in errors:
+        for proj in ("o_proj", "down_proj"):
+            assert layer[proj]["refit"] <= layer[proj]["surgery"], layer
+    # Layer 0's o_proj sees the same input in the dense and the pruned model: check the numbers directly.
+    rows = []
+    hook = family.o_proj(family.decoder_layers(dense)[0]).register_forward_pre_hook(lambda m, a: rows.append(a[0][0]))
+    with torch.no_grad():
+        for sample in calib.samples:  # one at a time: no padding at all
+            dense(sample[None])
+    hook.remove()
+    x = torch.cat(rows)  # (tokens, H·d)
+    kept = [c for h in plan.layers[0].heads_kept for c in range(h * 8, h * 8 + 8)]
+    w_dense = family.o_proj(family.decoder_layers(dense)[0]).weight
+    w_new = family.o_proj(family.decoder_layers(model)[0]).weight
+    target = x @ w_dense.T
+    with torch.no_grad():
+        surgery = ((x[:, kept] @ w_dense[:, kept].T - target).pow(2).sum() / target.pow(2).sum()).item()
+        refitted = ((x[:, kept] @ w_new.T - target).pow(2).sum() / target.pow(2).sum()).item()
+    assert errors[0]["o_proj"]["surgery"] == pytest.approx(surgery, rel=1e-3)
+    assert errors[0]["o_proj"]["refit"] == pytest.approx(refitted, rel=1e-3)
+
+
+def test_dead_kept_channels_warn_naming_the_layer_and_keep_surgery_weights(caplog):
+    model = tiny_model("llama_gqa")
+    family = get_family("llama")
+    plan = _plan(model, [0, 1, 3, 4], list(range(30)), 1 / 3, 0.25)
+    layer1 = family.decoder_layers(model)[1]
+    with torch.no_grad():
+        layer1.mlp.up_proj.weight[:30] = 0  # layer 1's kept neurons never fire
+    expected = layer1.mlp.down_proj.weight[:, :30].clone()
+    with caplog.at_level(logging.WARNING, logger="amprune.reconstruct"):
+        reconstruct(model, family, plan, _calib([24, 24]), progress=False)
+    assert "reconstruction of layer 1 down_proj skipped, plain surgery weights kept" in caplog.text
+    assert "all zero" in caplog.text
+    assert torch.equal(layer1.mlp.down_proj.weight, expected)
+
+
+def test_prune_with_reconstruct_saves_a_stock_checkpoint_with_the_plan(tmp_path, calib_text):
+    folder = save_tiny(tmp_path / "dense", "llama_gqa")
+    common = dict(model=folder, head_ratio=1 / 3, mlp_ratio=0.25, calib=calib_text, samples=4, seq_len=32,
+                  progress=False)
+    plain = prune(PruneRequest(out=None, **common))
+    result = prune(PruneRequest(out=str(tmp_path / "pruned"), reconstruct=True, **common))
+    assert result.plan.layers == plain.plan.layers  # the same units go; only o_proj/down_proj differ
+    assert "reconstruct" in result.seconds and "surgery" not in result.seconds
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
+    shapes = {n: p.shape for n, p in plain.model.named_parameters()}
+    assert {n: p.shape for n, p in reloaded.named_parameters()} == shapes
+    changed = {n for n, p in reloaded.named_parameters() if not torch.equal(p, dict(plain.model.named_parameters())[n])}
+    assert changed == {f"model.layers.{i}.{p}.weight" for i in range(2) for p in ("self_attn.o_proj", "mlp.down_proj")}
+    saved = Plan.load(tmp_path / "pruned")
+    assert saved.settings["reconstruction"]["damping"] == 0.01
+    assert len(saved.settings["reconstruction"]["relative_calibration_error"]) == 2

@@ -1,0 +1,128 @@
+"""Recovery: LoRA training lowers the loss; merged checkpoints are stock and exact; bad input."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import char_tokenizer, max_diff, save_tiny, tiny_model
+from transformers import AutoModelForCausalLM
+
+from amprune.checkpoint import save_checkpoint
+from amprune.cli import main
+from amprune.errors import AmpruneError
+from amprune.models import get_family
+from amprune.pipeline import PruneRequest, prune
+from amprune.plan import PLAN_FILE, Plan
+from amprune.recovery import RecoverRequest, add_lora, count_steps, recover, target_modules, train, training_windows
+
+
+def _windows(count: int = 4, length: int = 24) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(4, 100, (count, length), generator=generator)
+
+
+def test_lora_targets_every_projection_of_the_family():
+    assert target_modules(get_family("llama")) == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                   "down_proj"]
+
+
+def test_training_lowers_the_loss():
+    model = add_lora(tiny_model("llama_gqa"), get_family("llama"), RecoverRequest(model="", out=None, dropout=0.0))
+    windows = _windows()
+    request = RecoverRequest(model="", out=None, lr=1e-2, batch_size=2, progress=False)
+    losses = train(model, windows, steps=8, request=request)
+    assert len(losses) == 8
+    assert losses[-1] < 0.9 * losses[0], losses
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)  # only the adapters learn
+
+
+def test_merged_checkpoint_loads_stock_and_equals_the_unmerged_model(tmp_path):
+    base = tiny_model("mistral")
+    probe = _windows(2, 16)
+    with torch.no_grad():
+        base_logits = base(probe).logits
+    request = RecoverRequest(model="", out=None, lr=1e-2, progress=False)
+    model = add_lora(base, get_family("mistral"), request)
+    train(model, _windows(), steps=4, request=request)
+    with torch.no_grad():
+        unmerged = model(probe).logits
+    assert (unmerged - base_logits).abs().max() > 1e-2  # the adapters changed the model
+    merged = model.merge_and_unload()
+    save_checkpoint(merged, char_tokenizer(), None, get_family("mistral"), tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert not (tmp_path / "out" / PLAN_FILE).exists()
+    assert not any("lora" in name for name, _ in reloaded.named_parameters())
+    with torch.no_grad():
+        logits = reloaded(probe).logits
+    assert torch.allclose(logits, unmerged, atol=1e-5), max_diff(logits, unmerged)
+
+
+def test_step_count_follows_epochs_and_bounds():
+    request = RecoverRequest(model="", out=None, epochs=2, batch_size=3, seq_len=10)
+    assert count_steps(10, request) == 6  # 3 full batches per epoch
+    request.max_steps = 5
+    assert count_steps(10, request) == 5
+    request.max_tokens = 65  # 2 steps of 3 × 10 tokens fit
+    assert count_steps(10, request) == 2
+
+
+def test_training_windows_come_from_the_calibration_half():
+    tokenizer = char_tokenizer()
+    windows = training_windows(tokenizer, "c4", 64)
+    assert windows.shape[1] == 64 and len(windows) > 100
+    with pytest.raises(AmpruneError, match="unknown recovery text 'alpaca'"):
+        training_windows(tokenizer, "alpaca", 64)
+
+
+@pytest.fixture
+def pruned_folder(tmp_path, calib_text):
+    folder = save_tiny(tmp_path / "dense", "llama_gqa")
+    prune(PruneRequest(out=str(tmp_path / "pruned"), model=folder, head_ratio=1 / 3, mlp_ratio=0.25,
+                       calib=calib_text, samples=4, seq_len=32, progress=False))
+    return tmp_path / "pruned"
+
+
+def test_recover_end_to_end_carries_the_plan_over(tmp_path, pruned_folder):
+    out = tmp_path / "recovered"
+    result = recover(RecoverRequest(model=str(pruned_folder), out=str(out), seq_len=32, max_steps=3, lr=1e-2,
+                                    progress=False))
+    assert len(result.losses) == 3
+    plan = Plan.load(out)
+    assert plan.layers == Plan.load(pruned_folder).layers
+    settings = plan.settings["recovery"]
+    assert (settings["steps"], settings["tokens"], settings["rank"], settings["alpha"]) == (3, 96, 8, 16.0)
+    assert settings["text"] == "c4" and settings["text_part"] == "calibration"
+    before = AutoModelForCausalLM.from_pretrained(pruned_folder)
+    after = AutoModelForCausalLM.from_pretrained(out)
+    assert {n: p.shape for n, p in after.named_parameters()} == {n: p.shape for n, p in before.named_parameters()}
+
+
+def test_folder_without_plan_is_recovered_with_a_warning(tmp_path, caplog):
+    folder = save_tiny(tmp_path / "dense", "llama_gqa")
+    with caplog.at_level(logging.WARNING, logger="amprune.recovery"):
+        result = recover(RecoverRequest(model=folder, out=str(tmp_path / "out"), seq_len=32, max_steps=1,
+                                        progress=False))
+    assert f"has no {PLAN_FILE} (not written by `amprune prune`): recovering it anyway" in caplog.text
+    assert result.plan is None and not (tmp_path / "out" / PLAN_FILE).exists()
+
+
+def test_cli_bad_inputs(tmp_path, pruned_folder, capsys):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "x").write_text("x")
+    cases = [
+        (["--out", str(busy)], f"--out {busy} is not empty; pass --overwrite to replace it"),
+        (["--out", str(tmp_path / "a"), "--seq-len", "10000000"],
+         "recovery text 'c4' gives 0 windows of --seq-len 10000000 tokens, too few for one step of --batch-size 1"),
+        (["--out", str(tmp_path / "a"), "--seq-len", "32", "--max-tokens", "31"], "within --max-tokens"),
+        (["--out", str(tmp_path / "a"), "--rank", "0"], "--rank must be positive, got 0"),
+        (["--out", str(tmp_path / "a"), "--dropout", "1"], "--dropout must be in [0, 1), got 1.0"),
+        (["--out", str(tmp_path / "a"), "--text", "poems"], "unknown recovery text 'poems'"),
+    ]
+    for extra, message in cases:
+        assert main(["--quiet", "recover", "--model", str(pruned_folder), *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
