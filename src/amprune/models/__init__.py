@@ -6,9 +6,12 @@ import difflib
 
 from ..errors import AmpruneError
 from .base import Dims, Family
+from .gemma import GEMMA3, GEMMA3_MULTIMODAL
 from .llama import LLAMA, MISTRAL, QWEN2
+from .phi import PHI
+from .phi3 import PHI3
 
-FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2)
+FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, PHI, PHI3, GEMMA3, GEMMA3_MULTIMODAL)
 _BY_MODEL_TYPE: dict[str, Family] = {t: f for f in FAMILIES for t in f.model_types}
 
 

@@ -6,9 +6,12 @@ I intermediate_size, T tokens.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch import nn
+
+from ..errors import AmpruneError
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,8 @@ class Family:
         equivalent_model_type: a stock architecture with identical forward math whose config accepts any
             head count; used to save checkpoints the family's own config would refuse.
         text_config: attribute holding the text sub-config (multimodal wrappers), else None.
+        head_pruning_refusal: given the sizes config, why no stock checkpoint of this model can hold fewer
+            heads (e.g. config rules tied to `hidden_size // num_attention_heads`), or None if it can.
     """
 
     name: str
@@ -50,6 +55,7 @@ class Family:
     heads_must_divide_hidden: bool = False
     equivalent_model_type: str | None = None
     text_config: str | None = None
+    head_pruning_refusal: Callable[[object], str | None] | None = None
     notes: tuple[str, ...] = field(default=())
 
     def sizes_config(self, config):
@@ -67,6 +73,15 @@ class Family:
         if not self.heads_must_divide_hidden or (self.equivalent_model_type and not has_bias):
             return None
         return {h for h in range(1, sizes.num_attention_heads + 1) if sizes.hidden_size % h == 0}
+
+    def check_head_pruning(self, config, heads_removed: int) -> None:
+        """Refuse, before any work, a head removal that no stock checkpoint of this model could hold."""
+        reason = self.head_pruning_refusal(self.sizes_config(config)) if self.head_pruning_refusal else None
+        if heads_removed and reason:
+            raise AmpruneError(
+                f"cannot prune the attention heads of this '{config.model_type}' model: {reason}; "
+                "prune the MLP only with --mlp-ratio"
+            )
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         module = model

