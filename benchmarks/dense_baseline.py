@@ -2,14 +2,18 @@
 
     nohup nice -n 5 .venv/bin/python benchmarks/dense_baseline.py > /tmp/dense_baseline.log 2>&1 &
 
-Runs one task (or one perplexity) at a time and rewrites benchmarks/results/dense_baseline.{json,md}
-after each, so a partial run keeps what finished; HellaSwag, the most expensive, runs last. At the end
-the table replaces the body of the evaluation section in docs/RESULTS.md. `--limit N` is for smoke tests.
+Two passes, so that a run stopped early still gives a complete (if coarser) table: first every task on
+its first `--quick-limit` documents and every perplexity on its first few windows, then every task and
+perplexity in full, each full result replacing its quick one. HellaSwag, the most expensive, runs last.
+benchmarks/results/dense_baseline.{json,md} are rewritten after every step; the table's "documents" and
+"windows" columns say what each row covers. At the end (or with `--render` after a stopped run) the
+table replaces the body of the evaluation section of docs/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -24,77 +28,90 @@ from amprune.evaluation.zero_shot import task_averages
 from amprune.models.loading import load_model, load_tokenizer, resolve_device_dtype, resolve_model
 
 ROOT = Path(__file__).resolve().parent.parent
-TASK_ORDER = ("arc_challenge", "arc_easy", "winogrande", "piqa", "openbookqa", "boolq", "hellaswag")
-PPL_RUNS = (("wiki", 2048, 1), ("c4", 2048, 1), ("wiki", 128, 16), ("c4", 128, 16))  # source, seq_len, batch
+OUT = ROOT / "benchmarks" / "results" / "dense_baseline.json"
 MODEL_NAME = "packaged SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32)"
 SECTION = "## Dense baseline: zero-shot and perplexity (issue: evaluation)"
+TASK_ORDER = ("arc_challenge", "arc_easy", "winogrande", "piqa", "openbookqa", "boolq", "hellaswag")
+PPL_RUNS = (("c4", 2048, 1), ("wiki", 2048, 1), ("c4", 128, 16), ("wiki", 128, 16))  # text, seq_len, batch
+QUICK_WINDOWS = {2048: 4, 128: 64}
 
 
 def machine() -> str:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return f"{platform.machine()} CPU, {os.cpu_count()} cores (shared), {gpu}, torch threads {torch.get_num_threads()}"
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores shared with other jobs, {gpu}"
 
 
-def update_results_doc(body: str) -> None:
-    """Replace the body of our section of docs/RESULTS.md (up to the next `## ` heading)."""
+def update_results_doc(record: dict) -> str:
+    """Replace the body of our section of docs/RESULTS.md (up to the next `## ` heading) with the table."""
+    settings = record["settings"]
+    body = (
+        f"Command: `{settings['command']}` · machine: {settings['machine']} · dtype {settings['dtype']} · "
+        f"{record['date'][:10]} · wall time {sum(settings['seconds'].values()) / 60:.0f} min · "
+        "JSON: `benchmarks/results/dense_baseline.json`\n\n" + markdown_table(record)
+    )
     doc = ROOT / "docs" / "RESULTS.md"
     text = doc.read_text(encoding="utf-8")
     start = text.index(SECTION) + len(SECTION)
     end = text.find("\n## ", start)
     end = len(text) if end < 0 else end
     doc.write_text(text[:start] + "\n\n" + body.strip() + "\n" + text[end:], encoding="utf-8")
+    return body
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--limit", type=int, help="first N documents per task and N perplexity windows (smoke test)")
+    parser.add_argument("--quick-limit", type=int, default=100, help="documents per task in the first pass")
+    parser.add_argument("--quick-only", action="store_true", help="stop after the first pass (smoke test)")
     parser.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size (default: 8)")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dense_baseline.json"))
+    parser.add_argument("--out", default=str(OUT), help=f"results JSON (default: {OUT.relative_to(ROOT)})")
     parser.add_argument("--no-doc", action="store_true", help="do not update docs/RESULTS.md")
+    parser.add_argument("--render", action="store_true", help="only write docs/RESULTS.md from an existing --out")
     args = parser.parse_args()
+    if args.render:
+        print(update_results_doc(json.loads(Path(args.out).read_text())))
+        return
 
-    command = "python benchmarks/dense_baseline.py " + " ".join(sys.argv[1:])
-    started = time.perf_counter()
     source = resolve_model(None)
     device, dtype = resolve_device_dtype(None, None)
     model, tokenizer = load_model(source, device, dtype), load_tokenizer(source)
-    settings = {"command": command.strip(), "machine": machine(), "dtype": str(dtype), "seconds": {}}
+    command = " ".join(["python benchmarks/dense_baseline.py", *sys.argv[1:]])
+    settings = {"command": command, "machine": machine(), "dtype": str(dtype), "seconds": {}}
     per_task: dict[str, dict] = {}
-    ppl: list[dict] = []
-    zs = None
+    ppl: dict[tuple[str, int], dict] = {}
 
     def save() -> dict:
-        record = eval_record(MODEL_NAME, zs, ppl, settings)
+        zs = None
+        if per_task:
+            zs = {"tasks": per_task, "averages": task_averages(per_task), "limit": None, "batch_size": args.batch_size}
+        record = eval_record(MODEL_NAME, zs, list(ppl.values()), settings)
         write_results(record, args.out)
         return record
 
-    for name in TASK_ORDER[:-1]:
+    def run_task(name: str, limit: int | None) -> None:
         tick = time.perf_counter()
-        result = zero_shot(model, tokenizer, [name], limit=args.limit, batch_size=args.batch_size)
-        per_task.update(result["tasks"])
-        zs = dict(result, tasks=per_task, averages=task_averages(per_task))
-        settings["seconds"][name] = round(time.perf_counter() - tick, 1)
+        per_task.update(zero_shot(model, tokenizer, [name], limit=limit, batch_size=args.batch_size)["tasks"])
+        settings["seconds"][f"{name} n={per_task[name]['n']}"] = round(time.perf_counter() - tick, 1)
         save()
+
+    def run_ppl(text: str, seq_len: int, batch: int, windows: int | None) -> None:
+        tick = time.perf_counter()
+        result = perplexity(model, tokenizer, text, seq_len, max_windows=windows, batch_size=batch)
+        ppl[text, seq_len] = result
+        settings["seconds"][f"ppl {text} {seq_len} windows={result['windows']}"] = round(time.perf_counter() - tick, 1)
+        save()
+
+    for name in TASK_ORDER:  # first pass: everything, coarsely
+        run_task(name, args.quick_limit)
     for text, seq_len, batch in PPL_RUNS:
-        tick = time.perf_counter()
-        ppl.append(perplexity(model, tokenizer, text, seq_len, max_windows=args.limit, batch_size=batch))
-        settings["seconds"][f"ppl {text} {seq_len}"] = round(time.perf_counter() - tick, 1)
-        save()
-    tick = time.perf_counter()
-    result = zero_shot(model, tokenizer, [TASK_ORDER[-1]], limit=args.limit, batch_size=args.batch_size)
-    per_task.update(result["tasks"])
-    zs = dict(result, tasks=per_task, averages=task_averages(per_task))
-    settings["seconds"][TASK_ORDER[-1]] = round(time.perf_counter() - tick, 1)
-    settings["seconds"]["total"] = round(time.perf_counter() - started, 1)
+        run_ppl(text, seq_len, batch, QUICK_WINDOWS[seq_len])
+    if not args.quick_only:  # second pass: everything in full
+        for name in TASK_ORDER[:-1]:
+            run_task(name, None)
+        for text, seq_len, batch in PPL_RUNS:
+            run_ppl(text, seq_len, batch, None)
+        run_task(TASK_ORDER[-1], None)
     record = save()
-    body = (
-        f"Command: `{settings['command']}` · machine: {settings['machine']} · dtype {dtype} · "
-        f"wall time {settings['seconds']['total'] / 60:.0f} min · JSON: `benchmarks/results/dense_baseline.json`\n\n"
-        + markdown_table(record)
-    )
-    print(body)
-    if not args.no_doc:
-        update_results_doc(body)
+    print(markdown_table(record) if args.no_doc else update_results_doc(record))
 
 
 if __name__ == "__main__":

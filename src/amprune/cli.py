@@ -59,6 +59,13 @@ def _add_prune(sub) -> None:
     run.add_argument("--dtype", help="float32 (default on CPU) | bfloat16 (default on CUDA) | float16")
     run.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
     run.add_argument("--no-verify", action="store_true", help="skip reloading the saved checkpoint to compare logits")
+    ev = p.add_argument_group("evaluation: dense vs pruned, side by side")
+    ev.add_argument(
+        "--eval", metavar="SPEC",
+        help="after pruning, evaluate the dense and the pruned model: comma-separated zero-shot tasks or aliases "
+        "(amp5, all7) and perplexity texts (wiki, c4; windows of 2048 tokens or the model's maximum), e.g. amp5,wiki",
+    )
+    ev.add_argument("--eval-limit", type=int, help="first N documents of each task and at most N perplexity windows")
     p.set_defaults(handler=_run_prune)
 
 
@@ -68,6 +75,7 @@ def _run_prune(args) -> None:
 
     if args.batch_size <= 0:
         raise AmpruneError(f"--batch-size must be positive, got {args.batch_size}")
+    evaluation = _prune_eval_request(args)
     result = prune(
         PruneRequest(
             out=args.out, model=args.model, ratio=args.ratio, head_ratio=args.head_ratio, mlp_ratio=args.mlp_ratio,
@@ -78,6 +86,99 @@ def _run_prune(args) -> None:
     )
     print(run_summary(result.plan, result.seconds, result.peak_memory_bytes))
     print(f"saved: {result.out}  (loads with AutoModelForCausalLM.from_pretrained)")
+    if evaluation:
+        _eval_dense_and_pruned(args, result, evaluation)
+
+
+def _prune_eval_request(args):
+    from .evaluation.run import EvalRequest, split_eval_spec
+
+    if args.eval is None:
+        if args.eval_limit is not None:
+            raise AmpruneError("--eval-limit needs --eval")
+        return None
+    tasks, ppl = split_eval_spec(args.eval)
+    return EvalRequest(
+        tasks=tasks, ppl=ppl, limit=args.eval_limit, ppl_windows=args.eval_limit, limit_option="--eval-limit"
+    ).check()
+
+
+def _eval_dense_and_pruned(args, result, request) -> None:
+    from .evaluation.results import comparison_table, write_results
+    from .evaluation.run import evaluate
+    from .models.loading import default_model, load_model, resolve_device_dtype, resolve_model
+
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    settings = {"dtype": str(dtype), "device": str(device)}
+    pruned = evaluate(result.model, result.tokenizer, request, str(result.out or "pruned (in memory)"), settings)
+    dense_model = load_model(resolve_model(args.model), device, dtype)
+    dense = evaluate(dense_model, result.tokenizer, request, args.model or default_model(), settings)
+    table = comparison_table(dense, pruned)
+    print(table)
+    if result.out:
+        json_path, md_path = write_results({"dense": dense, "pruned": pruned}, result.out / "amprune_eval.json", table)
+        print(f"evaluation: {json_path} and {md_path}")
+
+
+EVAL_EXAMPLES = """examples:
+  amprune eval --model pruned/ --tasks amp5 --limit 200 --out results.json
+  amprune eval --model pruned/ --ppl wiki,c4 --ppl-seq-len 128
+  amprune eval --tasks all7 --ppl wiki                 # the packaged dense SmolLM2-135M-Instruct
+"""
+
+
+def _add_eval(sub) -> None:
+    from .evaluation import ALIASES, TASKS
+
+    p = sub.add_parser(
+        "eval",
+        help="zero-shot accuracy (lm-eval on the packaged data) and perplexity of any model",
+        epilog=EVAL_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", help="HF folder, .gguf file or hub id (default: the packaged SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--tasks",
+        help=f"comma-separated: {', '.join(TASKS)}, or the aliases {', '.join(ALIASES)} "
+        "(default: amp5 unless only --ppl is given)",
+    )
+    p.add_argument("--limit", type=int, help="first N documents of each task (default: all); stated in every output")
+    p.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size (default: 8)")
+    p.add_argument(
+        "--ppl", help="comma-separated perplexity texts: wiki, c4 (packaged, the half calibration never uses) or .txt"
+    )
+    p.add_argument(
+        "--ppl-seq-len", type=int,
+        help="tokens per window: 128 as LLM-Pruner/FLAP, or 2048 as SliceGPT/AMP (default: 2048, or the model's "
+        "maximum context if that is shorter)",
+    )
+    p.add_argument("--ppl-windows", type=int, help="at most N perplexity windows (default: the whole text)")
+    p.add_argument("--out", help="results JSON file; the Markdown table is written next to it (.md)")
+    run = p.add_argument_group("runtime")
+    run.add_argument("--dtype", help="float32 (default on CPU) | bfloat16 (default on CUDA) | float16")
+    run.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
+    p.set_defaults(handler=_run_eval)
+
+
+def _run_eval(args) -> None:
+    from .evaluation.results import markdown_table, write_results
+    from .evaluation.run import EvalRequest, evaluate
+    from .models.loading import default_model, load_model, load_tokenizer, resolve_device_dtype, resolve_model
+
+    request = EvalRequest(
+        tasks=args.tasks or ("" if args.ppl else "amp5"), ppl=args.ppl or "", limit=args.limit,
+        batch_size=args.batch_size, ppl_seq_len=args.ppl_seq_len, ppl_windows=args.ppl_windows,
+    ).check()
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    source = resolve_model(args.model)
+    tokenizer = load_tokenizer(source)
+    model = load_model(source, device, dtype)
+    settings = {"dtype": str(dtype), "device": str(device)}
+    record = evaluate(model, tokenizer, request, args.model or default_model(), settings)
+    print(markdown_table(record))
+    if args.out:
+        json_path, md_path = write_results(record, args.out)
+        print(f"wrote {json_path} and {md_path}")
 
 
 RECOVER_EXAMPLES = """examples:
@@ -167,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_prune(sub)
+    _add_eval(sub)
     _add_recover(sub)
     _add_inspect(sub)
     _add_list(sub)

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import torch
 
-from .calibration import calibration_set, collect_amp_stats
+from .calibration import calibration_set, check_scorers, score_units
 from .checkpoint import check_output_dir, save_checkpoint, saved_model_type, verify_reload
-from .models import Dims, get_family
+from .compensation import add_zero_biases, biased_config, compensate
+from .errors import AmpruneError
+from .models import Dims, Family, get_family
 from .models.loading import (
     default_model,
     load_config,
@@ -24,7 +26,7 @@ from .models.loading import (
     resolve_device_dtype,
     resolve_model,
 )
-from .plan import Plan, make_budget, select_units
+from .plan import Budget, Plan, UnitParams, make_budget, select_units
 from .reconstruct import reconstruct
 from .resources import peak_memory_bytes, reset_peak_memory
 from .surgery import apply_plan, unit_params
@@ -46,13 +48,15 @@ class PruneRequest:
     calib: str = "c4"
     samples: int = 64
     seq_len: int = 512
-    seed: int = 0
+    seed: int = 0  # draws calibration samples (and the `random` scorer's scores)
     batch_size: int = 8
     dtype: str | None = None
     device: str | None = None
     overwrite: bool = False
     verify: bool = True
     progress: bool = True
+    scorer: str = "amp"  # a name in amprune.scoring.SCORERS
+    bias_compensation: bool = False  # FLAP's mean compensation in o_proj/down_proj biases (compensation.py)
     reconstruct: bool = False  # re-fit o_proj/down_proj by least squares during surgery (reconstruct.py)
 
 
@@ -75,25 +79,62 @@ def _count_params(config) -> tuple[int, object]:
     return sum(p.numel() for p in skeleton.parameters()), skeleton
 
 
+@dataclass
+class ModelInfo:
+    """A model's family, sizes and parameter count, known from its config before any weight loads."""
+
+    source: str
+    config: object
+    family: Family
+    dims: Dims
+    total_params: int
+    units: UnitParams
+
+    def budget(
+        self, gqa_mode: str, ratio: float | None = None, head_ratio: float | None = None, mlp_ratio: float | None = None
+    ) -> Budget:
+        """The validated per-layer removal counts for a request (see `amprune.plan.make_budget`)."""
+        budget = make_budget(
+            self.dims, self.units, self.total_params, gqa_mode, ratio, head_ratio, mlp_ratio,
+            accepted_heads=self.family.accepted_head_counts(self.config),
+        )
+        self.family.check_head_pruning(self.config, budget.heads_removed)
+        for note in budget.notes:
+            logger.warning(note)
+        return budget
+
+
+def describe_model(model: str | None, bias_compensation: bool = False) -> ModelInfo:
+    """Resolve `model` (None: the packaged default) and read its config: fails on unsupported families.
+
+    With `bias_compensation` the config is the one with the standard bias flags on (it fails where no
+    flag gives o_proj/down_proj a bias); sizes and parameter counts then include those biases.
+    """
+    source = resolve_model(model)
+    config = load_config(source)
+    family = get_family(config.model_type)
+    if bias_compensation:
+        config = biased_config(config, family)
+    dims = Dims.from_config(family.sizes_config(config))
+    total_params, skeleton = _count_params(config)
+    units = unit_params(family, family.decoder_layers(skeleton)[0], dims)
+    return ModelInfo(source, config, family, dims, total_params, units)
+
+
 def prune(request: PruneRequest) -> PruneResult:
-    """Prune a model with AMP as `request` says; returns the pruned model and its plan."""
+    """Prune a model as `request` says (AMP unless another scorer is named); returns the model and its plan."""
     started = time.perf_counter()
     seconds: dict[str, float] = {}
     reset_peak_memory()
 
-    # 1. Validate everything cheap first: model family, ratios, GQA mode, output folder, calibration text.
-    source = resolve_model(request.model)
-    config = load_config(source)
-    family = get_family(config.model_type)
-    dims = Dims.from_config(family.sizes_config(config))
-    total_params, skeleton = _count_params(config)
-    units = unit_params(family, family.decoder_layers(skeleton)[0], dims)
-    budget = make_budget(
-        dims, units, total_params, request.gqa_mode, request.ratio, request.head_ratio, request.mlp_ratio,
-        accepted_heads=family.accepted_head_counts(config),
-    )
-    for note in budget.notes:
-        logger.warning(note)
+    # 1. Validate everything cheap first: model family, ratios, GQA mode, scorer, output folder, calibration text.
+    if request.bias_compensation and request.reconstruct:
+        raise AmpruneError("--bias-compensation and --reconstruct both correct o_proj/down_proj for what was removed; "
+                           "use one")
+    target = describe_model(request.model, request.bias_compensation)
+    source, config, family, dims = target.source, target.config, target.family, target.dims
+    budget = target.budget(request.gqa_mode, request.ratio, request.head_ratio, request.mlp_ratio)
+    check_scorers([request.scorer])
     if request.out is not None:
         check_output_dir(request.out, request.overwrite)
     device, dtype = resolve_device_dtype(request.device, request.dtype)
@@ -103,11 +144,14 @@ def prune(request: PruneRequest) -> PruneResult:
     # 2. Load and calibrate: one forward pass collects head and neuron statistics.
     tick = time.perf_counter()
     model = load_model(source, device, dtype)
+    if request.bias_compensation:
+        add_zero_biases(model, family, config)
     seconds["load"] = time.perf_counter() - tick
     tick = time.perf_counter()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    stats = collect_amp_stats(model, family, dims, calib, request.batch_size, pad_id, request.progress)
-    head_scores, neuron_scores = stats.scores()
+    scores, stats = score_units([request.scorer], model, family, dims, calib, request.batch_size, pad_id,
+                                request.seed, request.progress, moments=request.bias_compensation)
+    head_scores, neuron_scores = scores[request.scorer]
     seconds["calibrate"] = time.perf_counter() - tick
 
     # 3. Plan: the lowest-scoring units of every layer, as many as the budget says.
@@ -116,7 +160,7 @@ def prune(request: PruneRequest) -> PruneResult:
         budget=budget,
         layers=select_units(head_scores, neuron_scores, dims, budget),
         settings={
-            "method": "amp",
+            "method": request.scorer,
             "model": request.model or default_model(),
             "model_type": config.model_type,
             "calibration": calib.source,
@@ -128,6 +172,7 @@ def prune(request: PruneRequest) -> PruneResult:
             "head_ratio": request.head_ratio,
             "mlp_ratio": request.mlp_ratio,
             "gqa_mode": request.gqa_mode,
+            "bias_compensation": request.bias_compensation,
             "dtype": str(dtype).removeprefix("torch."),
         },
         versions=package_versions(),
@@ -141,6 +186,8 @@ def prune(request: PruneRequest) -> PruneResult:
         plan.settings["reconstruction"] = reconstruct(model, family, plan, calib, request.batch_size, pad_id,
                                                       progress=request.progress)
     else:
+        if request.bias_compensation:  # needs the dropped columns: before they are sliced away
+            compensate(model, family, plan, stats.o_moments, stats.down_moments)
         apply_plan(model, family, plan)
     probe = calib.samples[0][:16].unsqueeze(0).to(device)
     with torch.inference_mode():

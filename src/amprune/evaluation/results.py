@@ -27,7 +27,11 @@ def limit_note(zero_shot: dict | None) -> str:
     if not zero_shot:
         return ""
     limit = zero_shot.get("limit")
-    return f"--limit {limit}: first {limit} documents of each task" if limit else "full tasks (no --limit)"
+    if limit:
+        return f"--limit {limit}: first {limit} documents of each task"
+    if any(t["n"] < t["size"] for t in zero_shot["tasks"].values()):
+        return "some tasks on their first documents only (see the documents column)"
+    return "full tasks (no --limit)"
 
 
 def _pct(value: float) -> str:

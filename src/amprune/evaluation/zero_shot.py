@@ -85,7 +85,7 @@ def data_root() -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
-def _require_lm_eval() -> None:
+def require_lm_eval() -> None:
     if importlib.util.find_spec("lm_eval") is None:
         raise AmpruneError("zero-shot evaluation needs lm-eval: pip install 'amprune[eval]'")
 
@@ -107,7 +107,7 @@ def write_task_dir(source: Path, target: Path, replacements: dict[str, str]) -> 
 @contextmanager
 def task_manager(include_path: str | Path | None = None) -> Iterator[object]:
     """An lm-eval TaskManager that knows only our tasks (the packaged ones, or those in `include_path`)."""
-    _require_lm_eval()
+    require_lm_eval()
     from lm_eval.tasks import TaskManager
 
     with tempfile.TemporaryDirectory(prefix="amprune-tasks-") as tmp:
@@ -123,9 +123,9 @@ def load_docs(name: str) -> list[dict]:
         return list(task.eval_docs)
 
 
-def check_limit(limit: int | None) -> None:
+def check_limit(limit: int | None, option: str = "--limit") -> None:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
-        raise AmpruneError(f"--limit must be a positive whole number of documents, got {limit}")
+        raise AmpruneError(f"{option} must be a positive number of documents, got {limit}")
 
 
 def run_lm_eval(model, tokenizer, task_names: list[str], manager, limit: int | None, batch_size: int) -> dict:

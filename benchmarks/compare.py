@@ -1,0 +1,95 @@
+"""Baselines side by side: every scorer on one model, same calibration, plan rules, surgery and evaluation.
+
+Runs `amprune.compare.run_compare` in up to three phases: perplexity for every scorer and ratio;
+zero-shot for a subset; perplexity with `--reconstruct` for a subset. Each phase writes its own folder and
+a machine.json (command, machine, load, dates). Sized for a shared 2-core CPU: perplexity on a few
+windows of the packaged Wikipedia evaluation half, zero-shot on the first `--limit` documents of each
+task; every limit is in each compare.json (`settings`) and must be quoted with the numbers.
+
+Usage:
+  python benchmarks/compare.py --out docs/compare/smollm2 [--model M] [--scorers ...] [--ratios 0.1,0.2,0.3,0.5]
+      [--ppl-windows 8] [--samples 16] [--reconstruct-scorers amp,flap --reconstruct-ratios 0.3,0.5]
+      [--zero-shot-scorers amp,flap,random --zero-shot-ratios 0.3 --tasks amp5 --limit 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shlex
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from amprune.compare import CompareRequest, run_compare
+
+
+def _list(text: str) -> list[str]:
+    return [item for item in text.split(",") if item]
+
+
+def machine() -> dict:
+    return {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "load_average": os.getloadavg(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--model")
+    parser.add_argument("--scorers", type=_list, default=_list("amp,reversed,random,magnitude,wanda_sp,flap,taylor"))
+    parser.add_argument("--ratios", type=lambda t: [float(x) for x in _list(t)], default=[0.1, 0.2, 0.3, 0.5])
+    parser.add_argument("--tasks", default="amp5", help="'none' for perplexity only")
+    parser.add_argument("--limit", type=int, default=50)
+    parser.add_argument("--ppl-windows", type=int, default=8)
+    parser.add_argument("--ppl-seq-len", type=int, default=512)
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--reconstruct-scorers", type=_list, default=[],
+                        help="then run these scorers with --reconstruct, perplexity only (OUT/reconstruct)")
+    parser.add_argument("--reconstruct-ratios", type=lambda t: [float(x) for x in _list(t)])
+    parser.add_argument("--zero-shot-scorers", type=_list, default=[],
+                        help="then run these scorers with zero-shot --tasks (OUT/zero_shot)")
+    parser.add_argument("--zero-shot-ratios", type=lambda t: [float(x) for x in _list(t)])
+    args = parser.parse_args()
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    # Phases, cheapest first, so that what finishes on a busy machine is a complete comparison:
+    # perplexity for every (scorer, ratio); zero-shot for a subset; perplexity with reconstruction.
+    common = dict(model=args.model, ppl_windows=args.ppl_windows, ppl_seq_len=args.ppl_seq_len, samples=args.samples,
+                  seq_len=args.seq_len, limit=args.limit)
+    tasks = None if args.tasks == "none" else args.tasks
+    phases = [("perplexity", CompareRequest(out=args.out, scorers=args.scorers, ratios=args.ratios, tasks=None,
+                                            **common))]
+    if args.zero_shot_scorers and tasks:
+        phases.append(("zero_shot", CompareRequest(
+            out=str(Path(args.out) / "zero_shot"), scorers=args.zero_shot_scorers, tasks=tasks,
+            ratios=args.zero_shot_ratios or args.ratios, **common)))
+    if args.reconstruct_scorers:
+        phases.append(("reconstruct", CompareRequest(
+            out=str(Path(args.out) / "reconstruct"), scorers=args.reconstruct_scorers, reconstruct=True, tasks=None,
+            ratios=args.reconstruct_ratios or args.ratios, **common)))
+    command = "python " + shlex.join(["benchmarks/compare.py", *sys.argv[1:]])
+    for name, request in phases:
+        started = machine()
+        run_compare(request)
+        record = Path(request.out) / "machine.json"
+        record.write_text(json.dumps({"command": command, "phase": name, "started": started,
+                                      "finished": machine()}, indent=1) + "\n")
+        print((Path(request.out) / "compare.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

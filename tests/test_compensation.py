@@ -1,0 +1,69 @@
+"""FLAP bias compensation: the mean is preserved, zero biases keep the function, stock configs only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import save_tiny, tiny_model
+from transformers import AutoModelForCausalLM
+
+from amprune.cli import main
+from amprune.compensation import add_zero_biases, biased_config
+from amprune.errors import AmpruneError
+from amprune.models import get_family
+from amprune.pipeline import PruneRequest, prune
+from amprune.scoring import flap_compensation
+
+
+def test_compensation_preserves_the_mean_output():
+    torch.manual_seed(0)
+    x, weight = torch.randn(50, 6) + 2.0, torch.randn(3, 6)  # (T, C), (D, C)
+    kept, dropped = [0, 2, 3], [1, 4, 5]
+    pruned = x[:, kept] @ weight[:, kept].t() + flap_compensation(weight, x.mean(0), dropped)
+    torch.testing.assert_close(pruned.mean(0), (x @ weight.t()).mean(0))
+
+
+def test_zero_biases_keep_the_function_and_count():
+    model = tiny_model("llama_gqa")  # 2 layers, H=6, G=2, d=8, D=48, I=40
+    family = get_family("llama")
+    probe = torch.randint(4, 100, (1, 12))
+    before = model(probe).logits
+    added = add_zero_biases(model, family, biased_config(model.config, family))
+    assert added == 2 * ((6 + 2 * 2) * 8 + 2 * 40 + 2 * 48)
+    assert model.config.attention_bias and model.config.mlp_bias
+    torch.testing.assert_close(model(probe).logits, before)
+
+
+@pytest.mark.parametrize("case", ["mistral", "qwen2"])
+def test_refused_where_no_stock_bias_flag_exists(case):
+    config = tiny_model(case).config
+    with pytest.raises(AmpruneError, match=rf"^bias compensation needs o_proj and down_proj biases, which a stock "
+                                           rf"'{case}' config cannot hold \(no standard flag adds them\); "
+                                           r"prune without --bias-compensation$"):
+        biased_config(config, get_family(case))
+
+
+def test_prune_with_compensation_saves_a_stock_checkpoint(tmp_path, calib_text):
+    folder = save_tiny(tmp_path / "tiny", "llama_gqa")
+    request = dict(model=folder, ratio=0.3, scorer="flap", calib=calib_text, samples=4, seq_len=32, progress=False)
+    plain = prune(PruneRequest(out=None, **request))
+    result = prune(PruneRequest(out=str(tmp_path / "out"), bias_compensation=True, **request))  # verifies reload
+    assert [lp.neurons_kept for lp in result.plan.layers] == [lp.neurons_kept for lp in plain.plan.layers]
+    layer = result.model.model.layers[0]
+    assert layer.self_attn.o_proj.bias.abs().sum() > 0 and layer.mlp.down_proj.bias.abs().sum() > 0
+    assert layer.self_attn.q_proj.bias.abs().sum() == 0 and layer.mlp.up_proj.bias.abs().sum() == 0
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    torch.testing.assert_close(reloaded.model.layers[0].mlp.down_proj.bias, layer.mlp.down_proj.bias)
+    assert sum(p.numel() for p in reloaded.parameters()) == result.plan.budget.params_after
+
+
+def test_compensation_and_reconstruction_refused_together(tmp_path, capsys):
+    folder = save_tiny(tmp_path / "tiny", "llama_gqa")
+    capsys.readouterr()
+    code = main(["prune", "--model", folder, "--ratio", "0.3", "--bias-compensation", "--reconstruct",
+                 "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert capsys.readouterr().err == (
+        "amprune: error: --bias-compensation and --reconstruct both correct o_proj/down_proj for what was removed; "
+        "use one\n"
+    )
