@@ -2,12 +2,13 @@
 
     nohup nice -n 5 .venv/bin/python benchmarks/dense_baseline.py > /tmp/dense_baseline.log 2>&1 &
 
-Two passes, so that a run stopped early still gives a complete (if coarser) table: first every task on
-its first `--quick-limit` documents and every perplexity on its first few windows, then every task and
-perplexity in full, each full result replacing its quick one. HellaSwag, the most expensive, runs last.
-benchmarks/results/dense_baseline.{json,md} are rewritten after every step; the table's "documents" and
-"windows" columns say what each row covers. At the end (or with `--render` after a stopped run) the
-table replaces the body of the evaluation section of docs/RESULTS.md.
+Rounds of growing size, so that a run stopped early still gives a complete (if coarser) table: every
+task on its first 25 documents and every perplexity on a few windows, then 100 documents and full
+perplexities, then every task in full; each result replaces the smaller one. Log-likelihoods are cached
+(lm-eval's `use_cache`, keyed by request text), so a larger round or a restarted run never recomputes a
+request. benchmarks/results/dense_baseline.{json,md} are rewritten after every step; the table's
+"documents" and "windows" columns say what each row covers. At the end (or with `--render` after a
+stopped run) the table replaces the body of the evaluation section of docs/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from amprune.evaluation import perplexity, zero_shot
 from amprune.evaluation.results import eval_record, markdown_table, write_results
 from amprune.evaluation.zero_shot import task_averages
-from amprune.models.loading import load_model, load_tokenizer, resolve_device_dtype, resolve_model
+from amprune.models.loading import cache_dir, load_model, load_tokenizer, resolve_device_dtype, resolve_model
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results" / "dense_baseline.json"
@@ -34,6 +35,7 @@ SECTION = "## Dense baseline: zero-shot and perplexity (issue: evaluation)"
 TASK_ORDER = ("arc_challenge", "arc_easy", "winogrande", "piqa", "openbookqa", "boolq", "hellaswag")
 PPL_RUNS = (("c4", 2048, 1), ("wiki", 2048, 1), ("c4", 128, 16), ("wiki", 128, 16))  # text, seq_len, batch
 QUICK_WINDOWS = {2048: 4, 128: 64}
+ROUNDS = "25,100,full"  # documents per task in each round
 
 
 def machine() -> str:
@@ -60,8 +62,8 @@ def update_results_doc(record: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick-limit", type=int, default=100, help="documents per task in the first pass")
-    parser.add_argument("--quick-only", action="store_true", help="stop after the first pass (smoke test)")
+    parser.add_argument("--rounds", default=ROUNDS, help=f"documents per task in each round (default: {ROUNDS})")
+    parser.add_argument("--cache", default=str(cache_dir() / "lm_eval" / "dense_smollm2"), help="lm-eval cache prefix")
     parser.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size (default: 8)")
     parser.add_argument("--out", default=str(OUT), help=f"results JSON (default: {OUT.relative_to(ROOT)})")
     parser.add_argument("--no-doc", action="store_true", help="do not update docs/RESULTS.md")
@@ -89,7 +91,8 @@ def main() -> None:
 
     def run_task(name: str, limit: int | None) -> None:
         tick = time.perf_counter()
-        per_task.update(zero_shot(model, tokenizer, [name], limit=limit, batch_size=args.batch_size)["tasks"])
+        result = zero_shot(model, tokenizer, [name], limit=limit, batch_size=args.batch_size, cache=args.cache)
+        per_task.update(result["tasks"])
         settings["seconds"][f"{name} n={per_task[name]['n']}"] = round(time.perf_counter() - tick, 1)
         save()
 
@@ -100,16 +103,14 @@ def main() -> None:
         settings["seconds"][f"ppl {text} {seq_len} windows={result['windows']}"] = round(time.perf_counter() - tick, 1)
         save()
 
-    for name in TASK_ORDER:  # first pass: everything, coarsely
-        run_task(name, args.quick_limit)
-    for text, seq_len, batch in PPL_RUNS:
-        run_ppl(text, seq_len, batch, QUICK_WINDOWS[seq_len])
-    if not args.quick_only:  # second pass: everything in full
-        for name in TASK_ORDER[:-1]:
-            run_task(name, None)
-        for text, seq_len, batch in PPL_RUNS:
-            run_ppl(text, seq_len, batch, None)
-        run_task(TASK_ORDER[-1], None)
+    Path(args.cache).parent.mkdir(parents=True, exist_ok=True)
+    for index, size in enumerate(args.rounds.split(",")):
+        limit = None if size == "full" else int(size)
+        for name in TASK_ORDER:
+            run_task(name, limit)
+        if index < 2:  # perplexity: a few windows in the first round, everything in the second
+            for text, seq_len, batch in PPL_RUNS:
+                run_ppl(text, seq_len, batch, QUICK_WINDOWS[seq_len] if index == 0 else None)
     record = save()
     print(markdown_table(record) if args.no_doc else update_results_doc(record))
 

