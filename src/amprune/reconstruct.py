@@ -28,16 +28,22 @@ input, so the bias absorbs the removed channels' mean contribution (FLAP's bias 
 
 **Sequential mode.** Layer inputs and every layer's call arguments (masks, position embeddings, …)
 are captured once by running the embedding with recorders in place of the decoder layers. Then, per
-layer: (1) the dense layer runs up to `o_proj` and its input Gram is accumulated; `o_proj` is
-re-fitted and its removed columns zeroed; (2) the layer runs again up to `down_proj`, whose Gram now
-reflects the re-fitted attention; `down_proj` is re-fitted; (3) the layer is sliced with
-`surgery.prune_layer` and run once more to produce the next layer's inputs. Memory: the hidden
-states of the calibration tokens plus one n × n Gram matrix at a time.
+layer, on the pruned model's hidden states: (1) the dense layer runs until its attention block returns,
+accumulating the Gram matrix of `o_proj`'s input; `o_proj` is re-fitted and the attention outputs are
+recomputed from the stored `o_proj` inputs; (2) the layer runs again with the attention block replaced
+by a replay of those outputs, until its MLP block returns; `down_proj` is re-fitted the same way; (3) the
+layer runs once more with both blocks replayed (only norms and residual adds are computed) to give the
+next layer's inputs, and is sliced with `surgery.prune_layer`. Every block is computed once, so the cost
+is about one dense forward plus the Gram products. This relies on each block returning its output
+projection's output (checked, by identity, on every call). Memory: the calibration tokens' hidden
+states and one block's inputs/outputs, plus one k × n Gram matrix.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -65,43 +71,35 @@ class _Stop(Exception):
 
 @dataclass
 class Gram:
-    """Running XᵀX, Σx and token count of one projection's input (real tokens only), in float64."""
+    """Running X_kᵀX (the kept channels' rows), Σx and token count of one projection's input, in float64."""
 
-    xtx: torch.Tensor  # (n, n)
+    kept: list[int]
+    xtx: torch.Tensor  # (k, n)
     sums: torch.Tensor  # (n,)
     count: int = 0
 
     @classmethod
-    def zeros(cls, channels: int, device: torch.device | str = "cpu") -> Gram:
-        return cls(torch.zeros(channels, channels, dtype=torch.float64, device=device),
+    def zeros(cls, kept: list[int], channels: int, device: torch.device | str = "cpu") -> Gram:
+        return cls(list(kept), torch.zeros(len(kept), channels, dtype=torch.float64, device=device),
                    torch.zeros(channels, dtype=torch.float64, device=device))
 
     def add(self, rows: torch.Tensor) -> None:
         """Add (T, n) input rows; the product runs in float32, the running sums are float64."""
         rows = rows.float()
-        self.xtx += (rows.T @ rows).double()
+        index = torch.tensor(self.kept, device=rows.device)
+        self.xtx += (rows.index_select(1, index).T @ rows).double()
         self.sums += rows.sum(dim=0).double()
         self.count += rows.shape[0]
 
 
-def _augmented(weight: torch.Tensor, bias: torch.Tensor | None, gram: Gram) -> tuple[torch.Tensor, torch.Tensor]:
-    """float64 (out, n[+1]) weight and (n[+1], n[+1]) Gram; a bias becomes the weight of a constant input 1."""
-    if bias is None:
-        return weight.double(), gram.xtx
-    count = torch.tensor([[float(gram.count)]], dtype=torch.float64, device=gram.xtx.device)
-    xtx = torch.cat([torch.cat([gram.xtx, gram.sums[:, None]], 1), torch.cat([gram.sums[None, :], count], 1)], 0)
-    return torch.cat([weight.double(), bias.double()[:, None]], 1), xtx
-
-
 def refit(
-    weight: torch.Tensor, bias: torch.Tensor | None, gram: Gram, kept: list[int], damping: float = DEFAULT_DAMPING
+    weight: torch.Tensor, bias: torch.Tensor | None, gram: Gram, damping: float = DEFAULT_DAMPING
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Least-squares re-fit of a projection's kept input columns (and bias), in float64.
+    """Least-squares re-fit of a projection's kept input columns `gram.kept` (and bias), in float64.
 
     Args:
         weight: (out, n) the dense projection's weight; bias: (out,) or None.
-        gram: statistics of the projection's n input channels on the calibration tokens.
-        kept: the input channels that stay.
+        gram: statistics of the projection's input on the calibration tokens.
         damping: λ / mean(diag G_kk); the fit is pulled towards the plain-surgery weights by λ.
 
     Returns:
@@ -110,19 +108,26 @@ def refit(
     Raises:
         IllConditionedError: the damped system is singular or its condition number exceeds MAX_CONDITION.
     """
-    n, k = weight.shape[1], len(kept)
+    n, kept = weight.shape[1], gram.kept
     removed = sorted(set(range(n)) - set(kept))
     if not removed:
         return weight[:, kept].clone(), None if bias is None else bias.clone()
-    w, g = _augmented(weight, bias, gram)
-    k_idx = torch.tensor(kept + ([n] if bias is not None else []), device=g.device)
-    r_idx = torch.tensor(removed, device=g.device)
-    g_kk = g[k_idx][:, k_idx]  # (k[+1], k[+1])
-    g_kr = g[k_idx][:, r_idx]  # (k[+1], r)
+    device = gram.xtx.device
+    k_idx, r_idx = torch.tensor(kept, device=device), torch.tensor(removed, device=device)
+    g_kk, g_kr = gram.xtx[:, k_idx], gram.xtx[:, r_idx]  # (k, k), (k, r)
+    w = weight.double()
+    w_k = w[:, k_idx]
+    if bias is not None:  # the constant input 1 is one more kept channel; its weight is the bias
+        s_k, s_r = gram.sums[k_idx], gram.sums[r_idx]
+        count = torch.tensor([[float(gram.count)]], dtype=torch.float64, device=device)
+        g_kk = torch.cat([torch.cat([g_kk, s_k[:, None]], 1), torch.cat([s_k[None, :], count], 1)], 0)
+        g_kr = torch.cat([g_kr, s_r[None, :]], 0)
+        w_k = torch.cat([w_k, bias.double()[:, None]], 1)
+    k = len(kept)
     scale = g_kk.diagonal()[:k].mean()
     if not (torch.isfinite(g_kk).all() and torch.isfinite(g_kr).all()) or scale <= 0:
         raise IllConditionedError("the kept input channels are all zero or not finite on the calibration tokens")
-    system = g_kk + damping * scale * torch.eye(len(k_idx), dtype=torch.float64, device=g.device)
+    system = g_kk + damping * scale * torch.eye(g_kk.shape[0], dtype=torch.float64, device=device)
     factor, info = torch.linalg.cholesky_ex(system)
     if info.item() != 0:
         raise IllConditionedError("the normal equations are singular")
@@ -132,22 +137,8 @@ def refit(
         raise IllConditionedError(f"the normal equations are ill-conditioned (condition ≈ {condition:.1e})")
     # W'_k = W_k + W_r G_rk (G_kk + λI)⁻¹, solved as (G_kk + λI) Δᵀ = G_kr W_rᵀ
     delta = torch.cholesky_solve(g_kr @ w[:, r_idx].T, factor).T  # (out, k[+1])
-    new = (w[:, k_idx] + delta).to(weight.dtype)
+    new = (w_k + delta).to(weight.dtype)
     return new[:, :k].contiguous(), None if bias is None else new[:, k].contiguous()
-
-
-def calibration_error(
-    weight: torch.Tensor, bias: torch.Tensor | None, new_weight: torch.Tensor, new_bias: torch.Tensor | None,
-    kept: list[int], gram: Gram,
-) -> float:
-    """‖X_k W'ᵀ + b' − (X Wᵀ + b)‖² / ‖X Wᵀ + b‖² over the calibration tokens, from the Gram matrix."""
-    w, g = _augmented(weight, bias, gram)
-    pruned = torch.zeros_like(weight)
-    pruned[:, kept] = new_weight
-    p, _ = _augmented(pruned, new_bias, gram)
-    diff = p - w
-    energy = torch.einsum("oi,ij,oj->", w, g, w)
-    return (torch.einsum("oi,ij,oj->", diff, g, diff) / energy.clamp_min(1e-300)).item()
 
 
 class _Recorder(nn.Module):
@@ -190,47 +181,99 @@ def _real_rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])[mask.reshape(-1).bool().to(x.device)]
 
 
-def _gram_of_input(layer: nn.Module, proj: nn.Linear, calls: list, hidden: list, masks: list) -> Gram:
-    """Run `layer` on every batch up to `proj` and accumulate the Gram matrix of `proj`'s input."""
-    gram = Gram.zeros(proj.in_features, proj.weight.device)
-    current: dict[str, torch.Tensor] = {}
+def _first(output):
+    """A block's or layer's output tensor: the output itself or the first item of a tuple."""
+    return output[0] if isinstance(output, tuple) else output
 
-    def grab(module, args):
+
+class _Replay(nn.Module):
+    """Stands in for a block: returns the given outputs, one per call, in order."""
+
+    def __init__(self, outputs: list):
+        super().__init__()
+        self.outputs = iter(outputs)
+
+    def forward(self, *args, **kwargs):
+        return next(self.outputs)
+
+
+@contextmanager
+def _replaced(layer: nn.Module, name: str, stand_in: nn.Module) -> Iterator[None]:
+    original = getattr(layer, name)
+    setattr(layer, name, stand_in)
+    try:
+        yield
+    finally:
+        setattr(layer, name, original)
+
+
+def _run_block(layer: nn.Module, block: nn.Module, proj: nn.Linear, kept: list[int], runs: list) -> tuple:
+    """Run `layer` on every batch until `block` returns; `proj` must produce the block's output.
+
+    Returns the Gram matrix of `proj`'s input, and per batch `proj`'s input and the block's output.
+    """
+    gram = Gram.zeros(kept, proj.in_features, proj.weight.device)
+    inputs, outputs, current = [], [], {}
+
+    def before_proj(module, args):
         gram.add(_real_rows(args[0], current["mask"]))
+        inputs.append(args[0])
+
+    def after_proj(module, args, output):
+        current["proj"] = output
+
+    def after_block(module, args, output):
+        if _first(output) is not current.pop("proj", None):
+            raise RuntimeError(f"{type(block).__name__} does not return its {type(proj).__name__}'s output, "
+                               "so reconstruction cannot replay it")
+        outputs.append(output)
         raise _Stop
 
-    handle = proj.register_forward_pre_hook(grab)
+    handles = [proj.register_forward_pre_hook(before_proj), proj.register_forward_hook(after_proj),
+               block.register_forward_hook(after_block)]
     try:
-        for x, (_, args, kwargs), mask in zip(hidden, calls, masks, strict=True):
+        for x, (_, args, kwargs), mask in runs:
             current["mask"] = mask
             try:
                 layer(x, *args, **kwargs)
             except _Stop:
                 continue
-            raise RuntimeError(f"the layer never called {type(proj).__name__} during reconstruction")
+            raise RuntimeError(f"the layer never returned from {type(block).__name__} during reconstruction")
     finally:
-        handle.remove()
-    return gram
+        for handle in handles:
+            handle.remove()
+    return gram, inputs, outputs
 
 
-def _refit_projection(proj: nn.Linear, kept: list[int], gram: Gram, damping: float, where: str) -> dict:
-    """Re-fit `proj` in place (removed columns zeroed, so the layer now computes the pruned output)."""
-    weight = proj.weight.data
+def _refit_block(proj: nn.Linear, gram: Gram, inputs: list, outputs: list, masks: list, damping: float,
+                 where: str) -> tuple[list, dict]:
+    """Re-fit `proj` in place (removed input columns zeroed: the layer now computes the pruned output).
+
+    Returns the block's new outputs per batch and the relative error of plain surgery and of the re-fit
+    against the dense outputs, over the real calibration tokens.
+    """
+    weight, bias, kept = proj.weight.data, None if proj.bias is None else proj.bias.data, gram.kept
     try:
-        new_weight, new_bias = refit(weight, proj.bias.data if proj.bias is not None else None, gram, kept, damping)
+        new_weight, new_bias = refit(weight, bias, gram, damping)
     except IllConditionedError as err:
         logger.warning("reconstruction of %s skipped, plain surgery weights kept: %s", where, err)
-        new_weight, new_bias = weight[:, kept], None
-    bias = None if proj.bias is None else proj.bias.data
-    errors = {
-        "surgery": calibration_error(weight, bias, weight[:, kept], bias, kept, gram),
-        "refit": calibration_error(weight, bias, new_weight, bias if new_bias is None else new_bias, kept, gram),
-    }
+        new_weight, new_bias = weight[:, kept], bias
+    removed = torch.tensor(sorted(set(range(weight.shape[1])) - set(kept)), dtype=torch.long, device=weight.device)
+    dropped = weight.index_select(1, removed)  # (out, r): what plain surgery loses
     proj.weight.data = torch.zeros_like(weight)
     proj.weight.data[:, kept] = new_weight
     if new_bias is not None:
         proj.bias.data = new_bias
-    return errors
+    sums = torch.zeros(3, dtype=torch.float64)  # ‖dense‖², ‖surgery − dense‖², ‖re-fit − dense‖²
+    new_outputs = []
+    for x, output, mask in zip(inputs, outputs, masks, strict=True):
+        dense, new = _first(output), proj(x)
+        surgery_error = x.index_select(-1, removed) @ dropped.T
+        for i, part in enumerate((dense, surgery_error, new - dense)):
+            sums[i] += _real_rows(part, mask).double().pow(2).sum().cpu()
+        new_outputs.append((new, *output[1:]) if isinstance(output, tuple) else new)
+    energy = sums[0].clamp_min(1e-300)
+    return new_outputs, {"surgery": (sums[1] / energy).item(), "refit": (sums[2] / energy).item()}
 
 
 @torch.no_grad()
@@ -258,16 +301,24 @@ def reconstruct(
     report = []
     layers = list(zip(family.decoder_layers(model), plan.layers, strict=True))
     for index, (layer, keep) in enumerate(tqdm(layers, desc="Reconstructing", unit="layer", disable=not progress)):
+        runs = list(zip(hidden, calls[index], masks, strict=True))
+        attention, mlp = family.attention_block(layer), family.mlp_block(layer)
         o_proj, down_proj = family.o_proj(layer), family.down_proj(layer)
-        gram = _gram_of_input(layer, o_proj, calls[index], hidden, masks)
-        attention = _refit_projection(o_proj, _rows(keep.heads_kept, d), gram, damping, f"layer {index} {family.o}")
-        gram = _gram_of_input(layer, down_proj, calls[index], hidden, masks)
-        mlp = _refit_projection(down_proj, keep.neurons_kept, gram, damping, f"layer {index} {family.down}")
-        del gram
+        # 1. attention: dense heads on the pruned stream; o_proj re-fitted on the kept heads
+        gram, inputs, outputs = _run_block(layer, attention, o_proj, _rows(keep.heads_kept, d), runs)
+        attention_out, attention_error = _refit_block(o_proj, gram, inputs, outputs, masks, damping,
+                                                      f"layer {index} {family.o}")
+        # 2. MLP: its input comes from the re-fitted attention (replayed, not recomputed)
+        with _replaced(layer, family.attention, _Replay(attention_out)):
+            gram, inputs, outputs = _run_block(layer, mlp, down_proj, keep.neurons_kept, runs)
+        mlp_out, mlp_error = _refit_block(down_proj, gram, inputs, outputs, masks, damping,
+                                          f"layer {index} {family.down}")
+        del gram, inputs, outputs
+        # 3. the pruned layer's outputs (both blocks replayed) feed the next layer; then slice it
+        with _replaced(layer, family.attention, _Replay(attention_out)), _replaced(layer, family.mlp, _Replay(mlp_out)):
+            hidden = [_first(layer(x, *args, **kwargs)) for x, (_, args, kwargs), _ in runs]
         prune_layer(family, layer, plan.dims, keep)
-        outputs = [layer(x, *args, **kwargs) for x, (_, args, kwargs) in zip(hidden, calls[index], strict=True)]
-        hidden = [out[0] if isinstance(out, tuple) else out for out in outputs]
-        report.append({"layer": index, family.o: attention, family.down: mlp})
+        report.append({"layer": index, family.o: attention_error, family.down: mlp_error})
         logger.debug("layer %d relative calibration error: %s", index, report[-1])
     update_config(family.sizes_config(model.config), plan.dims_after)
     return {"mode": "sequential", "damping": damping, "relative_calibration_error": report}

@@ -1,0 +1,193 @@
+"""Reconstruction and recovery on the packaged SmolLM2-135M-Instruct at several pruning ratios.
+
+    nohup nice -n 5 .venv/bin/python benchmarks/reconstruction.py > /tmp/reconstruction.log 2>&1 &
+
+For every ratio (in the order given): `amprune prune --reconstruct` and `amprune recover` run as child
+processes, so each one's wall time, per-step times (from its summary) and peak memory (the child's peak
+RSS) are its own. Plain AMP is the same plan applied without reconstruction (`surgery.apply_plan` on
+the dense model, in this process): the units AMP removes do not depend on reconstruction. Then the
+perplexities of the dense model and the three variants are measured on the evaluation halves of the
+packaged Wikipedia and C4 texts. Zero-shot (`amp5`, `--limit` documents per task) runs last, model by
+model in the order of the ratios, until `--deadline`; models it did not reach show no amp5 figure.
+Results go to benchmarks/results/reconstruction.json after every measurement; at the end the tables
+are printed (they go into docs/RESULTS.md by hand, with the prose) and the plot is drawn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from amprune.evaluation import perplexity, zero_shot
+from amprune.models import get_family
+from amprune.models.loading import load_model, load_tokenizer, resolve_model
+from amprune.plan import Plan
+from amprune.surgery import apply_plan
+
+ROOT = Path(__file__).resolve().parent.parent
+VARIANTS = ("amp", "amp+rec", "amp+rec+lora")
+
+
+def machine() -> str:
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores (shared with other jobs), {gpu}"
+
+
+def run_step(args: list[str]) -> dict:
+    """Run `python -m amprune ARGS` in a child process; its wall time, peak RSS and per-step times."""
+    started = time.perf_counter()
+    child = subprocess.Popen([sys.executable, "-m", "amprune", "--quiet", *args], stdout=subprocess.PIPE, text=True)
+    output = child.stdout.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    if status != 0:
+        raise RuntimeError(f"amprune {' '.join(args)} failed:\n{output}")
+    steps = re.search(r"^time: (.*)$", output, re.MULTILINE)
+    parts = [part.rsplit(" ", 2) for part in steps.group(1).split(" · ")] if steps else []
+    print(output, flush=True)
+    return {
+        "command": "amprune " + " ".join(args),
+        "wall_s": time.perf_counter() - started,
+        "peak_rss_bytes": usage.ru_maxrss * 1024,
+        "steps_s": {name: float(value) for name, value, _ in parts},
+    }
+
+
+def load(folder: str, plan_from: str | None = None):
+    """A model and tokenizer; with `plan_from`, the dense model sliced by that folder's plan (plain AMP)."""
+    model = load_model(folder, torch.device("cpu"), torch.float32)
+    if plan_from is not None:
+        apply_plan(model, get_family(model.config.model_type), Plan.load(plan_from))
+    return model, load_tokenizer(folder)
+
+
+def table(results: dict) -> str:
+    def cell(entry: dict, key: str, digits: int = 2) -> str:
+        return f"{entry[key]:.{digits}f}" if key in entry else "—"
+
+    dense = results["models"]["dense"]
+    lines = ["| ratio | model | wiki ppl | × dense | C4 ppl | × dense | amp5 avg |", "|---|---|---|---|---|---|---|"]
+    for entry in results["models"].values():
+        ratio = entry.get("ratio", 0.0)
+        lines.append(
+            f"| {ratio:.0%} | {entry.get('variant', 'dense')} | {cell(entry, 'ppl_wiki')} | "
+            f"{entry['ppl_wiki'] / dense['ppl_wiki']:.2f} | {cell(entry, 'ppl_c4')} | "
+            f"{entry['ppl_c4'] / dense['ppl_c4']:.2f} | {cell(entry, 'amp5', 3)} |"
+        )
+    lines += ["", "| ratio | calibrate (s) | reconstruct (s) | reconstruct / calibrate | prune process peak RSS (GiB) "
+              "| recover (s) | recover peak RSS (GiB) |", "|---|---|---|---|---|---|---|"]
+    for ratio, steps in results["steps"].items():
+        prune, recover = steps["amp+rec"], steps["amp+rec+lora"]
+        calibrate, reconstruct = prune["steps_s"]["calibrate"], prune["steps_s"]["reconstruct"]
+        lines.append(
+            f"| {float(ratio):.0%} | {calibrate:.0f} | {reconstruct:.0f} | {reconstruct / calibrate:.2f} | "
+            f"{prune['peak_rss_bytes'] / 2**30:.2f} | {recover['steps_s']['recover']:.0f} | "
+            f"{recover['peak_rss_bytes'] / 2**30:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = results["models"]
+    metrics = (("ppl_wiki", "Wikipedia perplexity"), ("ppl_c4", "C4 perplexity"), ("amp5", "amp5 zero-shot average"))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for ax, (metric, label) in zip(axes, metrics, strict=True):
+        for variant in VARIANTS:
+            points = sorted(
+                (e["ratio"], e[metric]) for e in models.values() if e.get("variant") == variant and metric in e
+            )
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", label=variant)
+        if metric in models["dense"]:
+            ax.axhline(models["dense"][metric], color="black", linestyle="--", label="dense")
+        ax.set_xlabel("pruning ratio (fraction of all parameters)")
+        ax.set_title(label)
+        if metric != "amp5":
+            ax.set_yscale("log")
+    axes[0].legend()
+    fig.suptitle("SmolLM2-135M-Instruct: AMP, + reconstruction, + LoRA recovery")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ratios", default="0.3,0.5,0.2,0.1", help="pruning ratios, in this order")
+    parser.add_argument("--samples", type=int, default=16, help="calibration samples of 512 tokens (default: 16)")
+    parser.add_argument("--max-steps", type=int, default=20, help="LoRA recovery steps of 512 tokens (default: 20)")
+    parser.add_argument("--ppl-windows", type=int, default=8, help="perplexity windows per text (default: 8)")
+    parser.add_argument("--ppl-seq-len", type=int, default=512, help="perplexity window length (default: 512)")
+    parser.add_argument("--limit", type=int, default=50, help="zero-shot documents per task (default: 50)")
+    parser.add_argument("--deadline", default="18:35", help="UTC time after which no zero-shot run starts")
+    parser.add_argument("--work", default="/tmp/amprune-reconstruction", help="folder for the checkpoints")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "reconstruction.json"))
+    parser.add_argument("--plot", default=str(ROOT / "docs" / "reconstruction.png"), help="where the PNG goes")
+    args = parser.parse_args()
+    work, out = Path(args.work), Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results: dict = {
+        "meta": {"command": "python benchmarks/reconstruction.py " + " ".join(sys.argv[1:]), "machine": machine(),
+                 "date": time.strftime("%Y-%m-%d"), "settings": vars(args)},
+        "models": {}, "steps": {},
+    }
+    save = lambda: out.write_text(json.dumps(results, indent=1) + "\n")  # noqa: E731
+    dense_source = resolve_model(None)
+    folders: dict[str, tuple[str, str | None]] = {"dense": (dense_source, None)}
+
+    def measure_ppl(name: str) -> None:
+        model, tokenizer = load(*folders[name])
+        for source in ("wiki", "c4"):
+            results["models"][name][f"ppl_{source}"] = perplexity(
+                model, tokenizer, source=source, seq_len=args.ppl_seq_len, max_windows=args.ppl_windows,
+                progress=False,
+            )["ppl"]
+        print(name, results["models"][name], flush=True)
+        save()
+
+    results["models"]["dense"] = {}
+    measure_ppl("dense")
+    for ratio in [float(r) for r in args.ratios.split(",")]:
+        rec, lora = str(work / f"rec-{ratio}"), str(work / f"lora-{ratio}")
+        steps = results["steps"][str(ratio)] = {}
+        steps["amp+rec"] = run_step(["prune", "--ratio", str(ratio), "--samples", str(args.samples), "--reconstruct",
+                                     "--out", rec, "--overwrite"])
+        steps["amp+rec+lora"] = run_step(["recover", "--model", rec, "--out", lora, "--max-steps",
+                                          str(args.max_steps), "--overwrite"])
+        folders.update({f"amp@{ratio}": (dense_source, rec), f"amp+rec@{ratio}": (rec, None),
+                        f"amp+rec+lora@{ratio}": (lora, None)})
+        for variant in VARIANTS:
+            results["models"][f"{variant}@{ratio}"] = {"ratio": ratio, "variant": variant}
+            measure_ppl(f"{variant}@{ratio}")
+
+    deadline = datetime.combine(datetime.now(timezone.utc).date(), datetime.strptime(args.deadline, "%H:%M").time(),
+                                tzinfo=timezone.utc)
+    for name in folders:
+        if datetime.now(timezone.utc) >= deadline:
+            print(f"deadline {args.deadline} UTC reached: no zero-shot for {name} and later models", flush=True)
+            break
+        model, tokenizer = load(*folders[name])
+        scores = zero_shot(model, tokenizer, tasks="amp5", limit=args.limit)
+        results["models"][name]["amp5"] = scores["averages"]["amp5"]
+        print(name, results["models"][name], flush=True)
+        save()
+    save()
+    print(table(results))
+    plot(results, Path(args.plot))
+
+
+if __name__ == "__main__":
+    main()
