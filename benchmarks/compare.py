@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--ppl-seq-len", type=int, default=512)
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=8, help="calibration, gradient and evaluation batches")
     parser.add_argument("--reconstruct-scorers", type=_list, default=[],
                         help="then run these scorers with --reconstruct, perplexity only (OUT/reconstruct)")
     parser.add_argument("--reconstruct-ratios", type=lambda t: [float(x) for x in _list(t)])
@@ -69,7 +70,7 @@ def main() -> None:
     # Phases, cheapest first, so that what finishes on a busy machine is a complete comparison:
     # perplexity for every (scorer, ratio); zero-shot for a subset; perplexity with reconstruction.
     common = dict(model=args.model, ppl_windows=args.ppl_windows, ppl_seq_len=args.ppl_seq_len, samples=args.samples,
-                  seq_len=args.seq_len, limit=args.limit)
+                  seq_len=args.seq_len, limit=args.limit, batch_size=args.batch_size)
     tasks = None if args.tasks == "none" else args.tasks
     phases = [("perplexity", CompareRequest(out=args.out, scorers=args.scorers, ratios=args.ratios, tasks=None,
                                             **common))]
