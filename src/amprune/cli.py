@@ -176,6 +176,7 @@ def _run_eval(args) -> None:
     settings = {"dtype": str(dtype), "device": str(device)}
     record = evaluate(model, tokenizer, request, args.model or default_model(), settings)
     print(markdown_table(record))
+    print(f"time: {record['settings']['seconds']:.1f} s")
     if args.out:
         json_path, md_path = write_results(record, args.out)
         print(f"wrote {json_path} and {md_path}")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from ..errors import AmpruneError
 from ..textsets import PACKAGED_TEXTS
-from .perplexity import check_text_source, perplexity
+from .perplexity import DEFAULT_SEQ_LEN, check_text_source, perplexity
 from .results import eval_record
 from .zero_shot import check_limit, data_root, require_lm_eval, resolve_tasks, zero_shot
 
@@ -53,12 +54,22 @@ def split_eval_spec(spec: str) -> tuple[list[str], list[str]]:
     return [i for i in items if i not in PACKAGED_TEXTS], [i for i in items if i in PACKAGED_TEXTS]
 
 
-def evaluate(model, tokenizer, request: EvalRequest, model_name: str, settings: dict | None = None) -> dict:
+def evaluate(
+    model, tokenizer, request: EvalRequest, model_name: str, settings: dict | None = None, progress: bool = True
+) -> dict:
     """Perplexity first (its errors are cheap), then zero-shot; returns the results record."""
+    started = time.perf_counter()
+    # about 2048 tokens per forward pass, whatever the window length
+    ppl_batch = max(1, DEFAULT_SEQ_LEN // (request.ppl_seq_len or DEFAULT_SEQ_LEN))
     ppl = [
-        perplexity(model, tokenizer, source, request.ppl_seq_len, request.ppl_windows, batch_size=1)
+        perplexity(model, tokenizer, source, request.ppl_seq_len, request.ppl_windows, ppl_batch, progress)
         for source in request.ppl
     ]
     zs = zero_shot(model, tokenizer, request.tasks, request.limit, request.batch_size) if request.tasks else None
-    settings = dict(settings or {}, batch_size=request.batch_size, ppl_windows=request.ppl_windows)
+    settings = dict(
+        settings or {},
+        batch_size=request.batch_size,
+        ppl_windows=request.ppl_windows,
+        seconds=round(time.perf_counter() - started, 1),
+    )
     return eval_record(model_name, zs, ppl, settings)
