@@ -110,9 +110,10 @@ def _eval_dense_and_pruned(args, result, request) -> None:
 
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     settings = {"dtype": str(dtype), "device": str(device)}
-    pruned = evaluate(result.model, result.tokenizer, request, str(result.out or "pruned (in memory)"), settings)
+    name, progress = str(result.out or "pruned (in memory)"), not args.quiet
+    pruned = evaluate(result.model, result.tokenizer, request, name, settings, progress)
     dense_model = load_model(resolve_model(args.model), device, dtype)
-    dense = evaluate(dense_model, result.tokenizer, request, args.model or default_model(), settings)
+    dense = evaluate(dense_model, result.tokenizer, request, args.model or default_model(), settings, progress)
     table = comparison_table(dense, pruned)
     print(table)
     if result.out:
@@ -174,7 +175,7 @@ def _run_eval(args) -> None:
     tokenizer = load_tokenizer(source)
     model = load_model(source, device, dtype)
     settings = {"dtype": str(dtype), "device": str(device)}
-    record = evaluate(model, tokenizer, request, args.model or default_model(), settings)
+    record = evaluate(model, tokenizer, request, args.model or default_model(), settings, progress=not args.quiet)
     print(markdown_table(record))
     print(f"time: {record['settings']['seconds']:.1f} s")
     if args.out:
