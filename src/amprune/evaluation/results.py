@@ -48,7 +48,7 @@ def _rows(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def markdown_table(record: dict) -> str:
-    """Zero-shot accuracies (%) per task with the headline metric, averages, and perplexities."""
+    """Zero-shot accuracies (%) per task with the headline metric (± standard error), averages, perplexities."""
     lines = [f"model `{record['model']}`, {record['date']}"]
     zs = record.get("zero_shot")
     if zs:
@@ -60,7 +60,7 @@ def markdown_table(record: dict) -> str:
                 f"{t['n']} of {t['size']}",
                 _pct(t["acc"]),
                 _pct(t["acc_norm"]),
-                f"{_pct(t['headline'])} ({t['headline_metric']})",
+                f"{_pct(t['headline'])} ± {_pct(t[t['headline_metric'] + '_stderr'])} ({t['headline_metric']})",
             ]
             for name, t in zs["tasks"].items()
         ]
