@@ -9,7 +9,7 @@ import torch
 from conftest import save_tiny
 
 from amprune.cli import main
-from amprune.compare import CompareRequest, run_compare
+from amprune.compare import CompareRequest, _duration, run_compare
 from amprune.errors import AmpruneError
 
 
@@ -126,3 +126,14 @@ def test_reconstruct_refits_every_run(tmp_path, calib_text):
     assert not torch.allclose(refit, plain)
     saved = json.loads((tmp_path / "cmpTrue" / "compare.json").read_text())
     assert saved["settings"]["reconstruct"] is True
+
+
+def test_progress_reports_runs_and_time_left(tmp_path, calib_text, caplog):
+    caplog.set_level("INFO", logger="amprune.compare")
+    run_compare(_request(tmp_path, calib_text), fake_evaluate())
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("run ")]
+    assert lines[0] == "run 1/4: amp at ratio 0.2 (time left unknown yet)"
+    assert [line.split(" (")[0] for line in lines[1:]] == ["run 2/4: random at ratio 0.2", "run 3/4: amp at ratio 0.5",
+                                                          "run 4/4: random at ratio 0.5"]
+    assert all(line.endswith(" left)") and "about " in line for line in lines[1:])
+    assert [_duration(s) for s in (45, 300, 4000)] == ["45 s", "5 min", "1 h 07 min"]
