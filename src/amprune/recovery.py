@@ -191,7 +191,7 @@ def recover(request: RecoverRequest) -> RecoverResult:
     logger.info("merged the LoRA adapters: max logit diff to the unmerged model %.2g", merge_diff)
     settings = {
         "text": request.text, "text_part": "calibration", "steps": steps, "tokens": steps * request.batch_size *
-        request.seq_len, "first_loss": losses[0], "last_loss": losses[-1], "target_modules": target_modules(family),
+        request.seq_len, "losses": [round(loss, 4) for loss in losses], "target_modules": target_modules(family),
         **{k: v for k, v in asdict(request).items() if k not in ("model", "out", "overwrite", "verify", "progress")},
         "dtype": str(dtype).removeprefix("torch."),
     }
