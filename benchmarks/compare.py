@@ -64,6 +64,8 @@ def main() -> None:
     parser.add_argument("--zero-shot-scorers", type=_list, default=[],
                         help="then run these scorers with zero-shot --tasks (OUT/zero_shot)")
     parser.add_argument("--zero-shot-ratios", type=lambda t: [float(x) for x in _list(t)])
+    parser.add_argument("--phases", type=_list, default=["perplexity", "zero_shot", "reconstruct"],
+                        help="which phases to run (to run them in separate processes)")
     args = parser.parse_args()
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -84,6 +86,8 @@ def main() -> None:
             ratios=args.reconstruct_ratios or args.ratios, **common)))
     command = "python " + shlex.join(["benchmarks/compare.py", *sys.argv[1:]])
     for name, request in phases:
+        if name not in args.phases:
+            continue
         started = machine()
         run_compare(request)
         record = Path(request.out) / "machine.json"

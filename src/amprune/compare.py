@@ -255,6 +255,7 @@ def plot_amp_heatmap(head_scores: torch.Tensor, neuron_scores: torch.Tensor, pat
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [1, 3]})
     for ax, scores, title in ((left, head_scores, "heads"), (right, neuron_scores, "MLP neurons")):
@@ -263,6 +264,7 @@ def plot_amp_heatmap(head_scores: torch.Tensor, neuron_scores: torch.Tensor, pat
         ax.set_title(f"AMP {title} (log10 score)")
         ax.set_xlabel("head" if title == "heads" else "neuron")
         ax.set_ylabel("decoder layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
