@@ -131,6 +131,50 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def model_folders(work: Path, ratios: list[float], dense_source: str) -> dict[str, tuple[str, str | None]]:
+    """The dense model and every finished ratio's three variants, as `load` arguments."""
+    folders: dict[str, tuple[str, str | None]] = {"dense": (dense_source, None)}
+    for ratio in ratios:
+        rec, lora = work / f"rec-{ratio}", work / f"lora-{ratio}"
+        if lora.is_dir():  # saved atomically: present means complete
+            folders.update({f"amp@{ratio}": (dense_source, str(rec)), f"amp+rec@{ratio}": (str(rec), None),
+                            f"amp+rec+lora@{ratio}": (str(lora), None)})
+    return folders
+
+
+def zero_shot_phase(args, work: Path, ratios: list[float], dense_source: str) -> None:
+    """amp5 for every model as its checkpoints appear (another process may still be making them), until
+    `--deadline`; results accumulate in `--zero-shot-out`."""
+    path = Path(args.zero_shot_out)
+    done = json.loads(path.read_text()) if path.exists() else {"limit": args.limit, "amp5": {}}
+    done["command"] = "python benchmarks/reconstruction.py " + " ".join(sys.argv[1:])
+    while not past(args.deadline):
+        todo = [n for n in model_folders(work, ratios, dense_source).items() if n[0] not in done["amp5"]]
+        if not todo:
+            if len(done["amp5"]) == 1 + 3 * len(ratios):
+                return
+            time.sleep(60)
+            continue
+        name, source = todo[0]
+        model, tokenizer = load(*source)
+        done["amp5"][name] = zero_shot(model, tokenizer, tasks="amp5", limit=args.limit)["averages"]["amp5"]
+        path.write_text(json.dumps(done, indent=1) + "\n")
+        print(name, "amp5", done["amp5"][name], flush=True)
+    print(f"deadline {args.deadline} UTC reached", flush=True)
+
+
+def report(args) -> None:
+    """Merge the perplexity and zero-shot results, print the tables, draw the plot."""
+    results = json.loads(Path(args.out).read_text())
+    path = Path(args.zero_shot_out)
+    if path.exists():
+        for name, value in json.loads(path.read_text())["amp5"].items():
+            if name in results["models"]:
+                results["models"][name]["amp5"] = value
+    print(table(results))
+    plot(results, Path(args.plot))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ratios", default="0.3,0.5,0.2,0.1", help="pruning ratios, in this order")
@@ -143,9 +187,21 @@ def main() -> None:
     parser.add_argument("--deadline", default="18:35", help="UTC time after which no zero-shot run starts")
     parser.add_argument("--work", default="/tmp/amprune-reconstruction", help="folder for the checkpoints")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "reconstruction.json"))
+    parser.add_argument("--zero-shot-out", default=str(ROOT / "benchmarks" / "results" / "reconstruction_amp5.json"))
     parser.add_argument("--plot", default=str(ROOT / "docs" / "reconstruction.png"), help="where the PNG goes")
+    parser.add_argument(
+        "--phase", choices=("all", "build", "zero-shot", "report"), default="all",
+        help="build: checkpoints, times and perplexities; zero-shot: amp5 as checkpoints appear (can run beside "
+        "build); report: tables and plot; all: the three in turn",
+    )
     args = parser.parse_args()
     work, out = Path(args.work), Path(args.out)
+    ratios = [float(r) for r in args.ratios.split(",")]
+    dense_source = resolve_model(None)
+    if args.phase == "zero-shot":
+        return zero_shot_phase(args, work, ratios, dense_source)
+    if args.phase == "report":
+        return report(args)
     out.parent.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     results: dict = {
@@ -154,11 +210,9 @@ def main() -> None:
         "models": {}, "steps": {},
     }
     save = lambda: out.write_text(json.dumps(results, indent=1) + "\n")  # noqa: E731
-    dense_source = resolve_model(None)
-    folders: dict[str, tuple[str, str | None]] = {"dense": (dense_source, None)}
 
     def measure_ppl(name: str) -> None:
-        model, tokenizer = load(*folders[name])
+        model, tokenizer = load(*model_folders(work, ratios, dense_source)[name])
         for source in ("wiki", "c4"):
             results["models"][name][f"ppl_{source}"] = perplexity(
                 model, tokenizer, source=source, seq_len=args.ppl_seq_len, max_windows=args.ppl_windows,
@@ -169,7 +223,7 @@ def main() -> None:
 
     results["models"]["dense"] = {}
     measure_ppl("dense")
-    for ratio in [float(r) for r in args.ratios.split(",")]:
+    for ratio in ratios:
         if past(args.ratio_deadline):
             print(f"{args.ratio_deadline} UTC reached: ratio {ratio} and later not run", flush=True)
             break
@@ -179,24 +233,13 @@ def main() -> None:
                                      "--out", rec, "--overwrite"])
         steps["amp+rec+lora"] = run_step(["recover", "--model", rec, "--out", lora, "--max-steps",
                                           str(args.max_steps), "--overwrite"])
-        folders.update({f"amp@{ratio}": (dense_source, rec), f"amp+rec@{ratio}": (rec, None),
-                        f"amp+rec+lora@{ratio}": (lora, None)})
         for variant in VARIANTS:
             results["models"][f"{variant}@{ratio}"] = {"ratio": ratio, "variant": variant}
             measure_ppl(f"{variant}@{ratio}")
 
-    for name in folders:
-        if past(args.deadline):
-            print(f"deadline {args.deadline} UTC reached: no zero-shot for {name} and later models", flush=True)
-            break
-        model, tokenizer = load(*folders[name])
-        scores = zero_shot(model, tokenizer, tasks="amp5", limit=args.limit)
-        results["models"][name]["amp5"] = scores["averages"]["amp5"]
-        print(name, results["models"][name], flush=True)
-        save()
-    save()
-    print(table(results))
-    plot(results, Path(args.plot))
+    if args.phase == "all":
+        zero_shot_phase(args, work, ratios, dense_source)
+        report(args)
 
 
 if __name__ == "__main__":

@@ -13,15 +13,16 @@ MLP's X is computed with the already re-fitted attention. Why this target rather
 model's own outputs on its own (dense-stream) inputs:
 
 - the kept heads/neurons compute exactly what they compute in the dense layer, so X_k is a column
-  subset of X and everything follows from the Gram matrix G = XᵀX alone: the solution is
+  subset of X and everything follows from the kept rows of the Gram matrix G = XᵀX: the solution is
   W'_k = W_k + W_r G_rk (G_kk + λI)⁻¹ (r: removed channels). No second (dense) activation stream,
   no cross-term, no extra dense forward per layer;
 - plain surgery's weights W_k are a feasible point and the damping pulls towards them, so on the
   calibration tokens the re-fit is never worse than surgery, and with nothing removed it returns W_k
   exactly (both are tested);
-- errors cannot compound anyway: every layer is fitted on the inputs the pruned layers before it
-  produce, as GPTQ does. Chasing the upstream drift as well (the dense-stream target) would need both
-  streams in memory and loses the guarantee above.
+- upstream errors are already accounted for: every layer is fitted on the inputs the pruned layers
+  before it produce (as GPTQ does), so they do not compound. Making each layer also cancel the drift of
+  the residual stream (the dense-stream target) would need both streams in memory and an extra dense
+  forward per layer, and loses the guarantee above.
 
 A projection with a bias (Phi) gets an intercept: the constant channel 1 is treated as one more kept
 input, so the bias absorbs the removed channels' mean contribution (FLAP's bias compensation, fitted).
