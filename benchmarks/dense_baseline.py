@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results" / "dense_baseline.json"
 MODEL_NAME = "packaged SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32)"
 SECTION = "## Dense baseline: zero-shot and perplexity (issue: evaluation)"
-TASK_ORDER = ("arc_challenge", "arc_easy", "winogrande", "piqa", "openbookqa", "boolq", "hellaswag")
+TASK_ORDER = ("arc_challenge", "arc_easy", "winogrande", "piqa", "hellaswag", "openbookqa", "boolq")  # amp5 first
+FULL_ORDER = ("arc_challenge", "arc_easy", "winogrande", "piqa", "openbookqa", "boolq", "hellaswag")  # costliest last
 PPL_RUNS = (("c4", 2048, 1), ("wiki", 2048, 1), ("c4", 128, 16), ("wiki", 128, 16))  # text, seq_len, batch
 QUICK_WINDOWS = {2048: 4, 128: 64}
 ROUNDS = "25,100,full"  # documents per task in each round
@@ -98,6 +99,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(OUT), help=f"results JSON (default: {OUT.relative_to(ROOT)})")
     parser.add_argument("--no-doc", action="store_true", help="do not update docs/RESULTS.md")
     parser.add_argument("--render", action="store_true", help="only write docs/RESULTS.md from an existing --out")
+    parser.add_argument("--resume", action="store_true", help="keep the results in --out; skip what they cover")
     args = parser.parse_args()
     if args.render:
         print(update_results_doc(json.loads(Path(args.out).read_text())))
@@ -110,6 +112,12 @@ def main() -> None:
     settings = {"command": command, "machine": machine(), "dtype": str(dtype), "seconds": {}}
     per_task: dict[str, dict] = {}
     ppl: dict[tuple[str, int], dict] = {}
+    if args.resume and Path(args.out).is_file():
+        previous = json.loads(Path(args.out).read_text())
+        settings["command"] = f"{previous['settings']['command']}, then `{command}`"
+        settings["seconds"] = previous["settings"]["seconds"]
+        per_task.update(previous["zero_shot"]["tasks"] if previous["zero_shot"] else {})
+        ppl.update({(p["source"], p["seq_len"]): p for p in previous["perplexity"]})
 
     def save() -> dict:
         zs = None
@@ -120,6 +128,9 @@ def main() -> None:
         return record
 
     def run_task(name: str, limit: int | None) -> None:
+        done = per_task.get(name)
+        if done and (done["n"] == done["size"] or (limit is not None and done["n"] >= limit)):
+            return
         tick = time.perf_counter()
         result = zero_shot(model, tokenizer, [name], limit=limit, batch_size=args.batch_size, cache=args.cache)
         per_task.update(result["tasks"])
@@ -127,6 +138,9 @@ def main() -> None:
         save()
 
     def run_ppl(text: str, seq_len: int, batch: int, windows: int | None) -> None:
+        done = ppl.get((text, seq_len))
+        if done and windows is not None and done["windows"] >= windows:
+            return
         tick = time.perf_counter()
         result = perplexity(model, tokenizer, text, seq_len, max_windows=windows, batch_size=batch)
         ppl[text, seq_len] = result
@@ -136,7 +150,7 @@ def main() -> None:
     Path(args.cache).parent.mkdir(parents=True, exist_ok=True)
     for index, size in enumerate(args.rounds.split(",")):
         limit = None if size == "full" else int(size)
-        for name in TASK_ORDER:
+        for name in TASK_ORDER if limit else FULL_ORDER:
             run_task(name, limit)
         if index < 2:  # perplexity: a few windows in the first round, everything in the second
             for text, seq_len, batch in PPL_RUNS:
