@@ -183,6 +183,56 @@ def _run_eval(args) -> None:
         print(f"wrote {json_path} and {md_path}")
 
 
+BENCH_EXAMPLES = """examples:
+  amprune bench --model pruned/ --out bench.json --png bench.png     # against the packaged SmolLM2-135M
+  amprune bench --model p20/ p30/ --baseline my-llama/ --out bench.json
+  amprune bench --model pruned/ --warmup 2 --runs 5 --batch-sizes 1 8 --out bench.json   # a quick look
+"""
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="measure the speed and memory of models against a baseline, side by side",
+        epilog=BENCH_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", nargs="+", required=True, help="model(s) to measure: HF folder, .gguf file or hub id")
+    p.add_argument("--baseline", help="reference model (default: the packaged SmolLM2-135M-Instruct)")
+    p.add_argument("--out", required=True, help="JSON file for the results")
+    p.add_argument("--png", help="bar chart: tokens/s per workload, baseline vs models, ideal marked")
+    proto = p.add_argument_group("protocol (defaults: the AMP paper's latency protocol)")
+    proto.add_argument("--prompt-tokens", type=int, default=12, help="prompt of the generation (default: 12)")
+    proto.add_argument("--new-tokens", type=int, default=128,
+                       help="tokens generated, EOS suppressed; 0: no generation (default: 128)")
+    proto.add_argument("--prompt-len", type=int, default=128, help="prompt length of the prefill (default: 128)")
+    proto.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32],
+                       help="prefill batch sizes (default: 1 8 32)")
+    proto.add_argument("--warmup", type=int, default=10, help="untimed rounds per workload (default: 10)")
+    proto.add_argument("--runs", type=int, default=20, help="timed rounds per workload (default: 20)")
+    proto.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass (one process per model)")
+    run = p.add_argument_group("runtime")
+    run.add_argument("--dtype", help="float32 (default on CPU) | bfloat16 (default on CUDA) | float16")
+    run.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
+    run.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.set_defaults(handler=_run_bench)
+
+
+def _run_bench(args) -> None:
+    from .benchmark import BenchRequest, bench, summary
+
+    result = bench(
+        BenchRequest(
+            models=args.model, out=args.out, png=args.png, baseline=args.baseline, prompt_tokens=args.prompt_tokens,
+            new_tokens=args.new_tokens, prompt_len=args.prompt_len, batch_sizes=args.batch_sizes, warmup=args.warmup,
+            runs=args.runs, memory=not args.no_memory, dtype=args.dtype, device=args.device, threads=args.threads,
+            progress=not args.quiet,
+        )
+    )
+    print(summary(result))
+    print(f"saved: {args.out}" + (f" and {args.png}" if args.png else ""))
+
+
 RECOVER_EXAMPLES = """examples:
   amprune recover --model pruned/ --out recovered/                 # the paper's LoRA: rank 8, 2 epochs on C4
   amprune recover --model pruned/ --out recovered/ --max-steps 100  # bounded, for a CPU
@@ -271,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_prune(sub)
     _add_eval(sub)
+    _add_bench(sub)
     _add_recover(sub)
     _add_inspect(sub)
     _add_list(sub)

@@ -9,8 +9,9 @@ def _gib(nbytes: int) -> str:
     return f"{nbytes / 2**30:.2f} GiB"
 
 
-def _table(rows: list[tuple[str, str, str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+def table(rows: list[tuple[str, ...]]) -> str:
+    """Left-aligned columns; the first row is the header, underlined."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
     for index, row in enumerate(rows):
         lines.append("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
@@ -32,7 +33,7 @@ def plan_summary(plan: Plan) -> str:
         ("decoder layers", f"{before.num_layers}", f"{after.num_layers}  (same sizes in every layer)"),
     ]
     settings = plan.settings
-    lines = [_table(rows)]
+    lines = [table(rows)]
     if settings:
         lines.append(
             f"model {settings.get('model')} ({settings.get('model_type')}"

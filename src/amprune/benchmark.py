@@ -1,0 +1,400 @@
+"""`amprune bench`: the speed and memory a model really gains over a baseline, measured side by side.
+
+Protocol (defaults are the paper's latency protocol, from Shortened LLaMA / FlexGen):
+
+- *generate*: a 12-token prompt, 128 new tokens with EOS suppressed (min_new_tokens = max_new_tokens),
+  greedy, batch 1, KV cache on. Its median time is the latency; new tokens / latency is the decode
+  throughput (the 12-token prefill, one forward, is included).
+- *prefill b*: one forward of b prompts of a fixed length (128 tokens) at every batch size (1, 8, 32),
+  keeping only the last token's logits as `generate` does; throughput = b·length / time.
+- Every workload runs `warmup` untimed rounds, then `runs` timed rounds. In each round every model runs
+  once, in turn (baseline, model, baseline, model, …), so a noisy machine slows them alike. The speedup
+  is the median over rounds of baseline time / model time (quartiles as spread).
+- `torch.inference_mode`; the device is synchronised before and after every timed call.
+- Peak memory: each model runs every workload once in a fresh process of its own (CUDA: allocator
+  peak; CPU: the process's peak resident memory, interpreter and libraries included).
+- The ideal speedup is the ratio of the workload's FLOPs (formula in `amprune.flops`).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import multiprocessing
+import os
+import platform
+import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .errors import AmpruneError
+from .flops import ModelCost, model_cost
+from .models import get_family
+from .models.loading import load_config, load_model, load_tokenizer, resolve_device_dtype, resolve_model
+from .report import table
+from .textsets import packaged_text
+from .versions import package_versions
+
+logger = logging.getLogger(__name__)
+
+BENCH_FORMAT = "amprune-bench/1"
+_NOT_PROTOCOL = ("models", "out", "png", "progress")  # request fields that do not change the numbers
+
+
+@dataclass
+class BenchRequest:
+    """Everything `amprune bench` is asked to do; the CLI builds one, so can Python callers."""
+
+    models: list[str]  # the models to measure (folders, .gguf files or hub ids)
+    out: str | None = None  # JSON results file; None: return the results only
+    png: str | None = None  # bar chart
+    baseline: str | None = None  # None: the packaged SmolLM2-135M-Instruct
+    prompt_tokens: int = 12
+    new_tokens: int = 128  # 0: no generation workload
+    prompt_len: int = 128
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
+    warmup: int = 10
+    runs: int = 20
+    memory: bool = True  # measure peak memory (one fresh process per model)
+    threads: int | None = None  # torch CPU threads; None: torch's default
+    dtype: str | None = None
+    device: str | None = None
+    progress: bool = True
+
+    def validate(self) -> None:
+        if not self.models:
+            raise AmpruneError("give at least one model to measure with --model")
+        sizes = [("--prompt-tokens", self.prompt_tokens), ("--prompt-len", self.prompt_len), ("--runs", self.runs)]
+        sizes += [("--batch-sizes", b) for b in self.batch_sizes]
+        sizes += [("--threads", self.threads)] if self.threads is not None else []
+        for flag, value in sizes:
+            if value <= 0:
+                raise AmpruneError(f"{flag} must be positive, got {value}")
+        for flag, value in (("--warmup", self.warmup), ("--new-tokens", self.new_tokens)):
+            if value < 0:
+                raise AmpruneError(f"{flag} must be zero or more, got {value}")
+        for path in (self.out, self.png):
+            if path is not None and not Path(path).resolve().parent.is_dir():
+                raise AmpruneError(f"the folder for {path} does not exist")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One timed setting: a generation or a prefill of `batch` prompts of `prompt_len` tokens."""
+
+    name: str
+    batch: int
+    prompt_len: int
+    new_tokens: int  # 0 for a prefill
+
+    @property
+    def tokens(self) -> int:
+        """Tokens a run produces (generation) or processes (prefill): the throughput numerator."""
+        return self.new_tokens * self.batch if self.new_tokens else self.prompt_len * self.batch
+
+    def flops(self, cost: ModelCost) -> int:
+        if self.new_tokens:
+            return self.batch * cost.generation_flops(self.prompt_len, self.new_tokens)
+        return self.batch * cost.prefill_flops(self.prompt_len)
+
+    def run(self, model, ids: torch.Tensor, pad_id: int) -> None:
+        prompt = ids[: self.batch, : self.prompt_len]
+        if not self.new_tokens:
+            model(prompt, logits_to_keep=1)
+            return
+        out = model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=self.new_tokens,
+            min_new_tokens=self.new_tokens, do_sample=False, pad_token_id=pad_id,
+        )
+        if out.shape[1] != self.prompt_len + self.new_tokens:  # an early stop would flatter the timing
+            made = out.shape[1] - self.prompt_len
+            raise RuntimeError(f"generate returned {made} new tokens, not {self.new_tokens}")
+
+
+def workloads(request: BenchRequest) -> list[Workload]:
+    gen = Workload(f"generate b1 {request.prompt_tokens}+{request.new_tokens}", 1, request.prompt_tokens,
+                   request.new_tokens)
+    prefills = [Workload(f"prefill b{b} ×{request.prompt_len}", b, request.prompt_len, 0) for b in request.batch_sizes]
+    return ([gen] if request.new_tokens else []) + prefills
+
+
+def _prompt_ids(tokenizer, rows: int, length: int) -> torch.Tensor:
+    """`rows` × `length` consecutive tokens of the packaged C4 evaluation text."""
+    text = packaged_text("c4", "evaluation")
+    ids = tokenizer(text[: 16 * rows * length], add_special_tokens=False)["input_ids"]
+    if len(ids) < rows * length:
+        raise AmpruneError(f"the packaged text is too short for {rows} prompts of {length} tokens")
+    return torch.tensor(ids[: rows * length]).view(rows, length)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    p25, median, p75 = np.percentile(values, [25, 50, 75]).tolist()
+    return {"median": median, "p25": p25, "p75": p75, "min": min(values), "max": max(values), "runs": values}
+
+
+def _alternate(fns: list, warmup: int, runs: int, device: torch.device, bar) -> list[list[float]]:
+    """Rounds of fns[0], fns[1], …; the first `warmup` rounds are not timed. Returns seconds per fn.
+
+    The garbage collector never runs inside a timed call (as in `timeit`): a collection over a loaded
+    model's objects takes milliseconds and would land on one model at random. It runs before *every*
+    call instead, so that each call starts alike; collecting once per round made the round's first
+    model up to 1.7× slower on short calls (its caches cold after the collection).
+    """
+    times: list[list[float]] = [[] for _ in fns]
+    gc.disable()
+    try:
+        for round_ in range(warmup + runs):
+            for fn, spent in zip(fns, times, strict=True):
+                gc.collect()
+                seconds = _timed(fn, device)
+                if round_ >= warmup:
+                    spent.append(seconds)
+                bar.update(1)
+    finally:
+        gc.enable()
+    return times
+
+
+def _reset_rss_peak() -> bool:
+    """Reset this process's peak resident memory (Linux ≥ 4.0); False where that is impossible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rss_peak() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024  # kB
+    raise OSError("no VmHWM in /proc/self/status")
+
+
+def _peak_memory(source: str, request: BenchRequest, ids: torch.Tensor, pad_id: int) -> int | None:
+    """Peak memory of running every workload once; meant to run in a fresh process of its own."""
+    from transformers.utils import logging as hf_logging
+
+    if not request.progress:
+        hf_logging.disable_progress_bar()
+    if request.threads:
+        torch.set_num_threads(request.threads)
+    device, dtype = resolve_device_dtype(request.device, request.dtype)
+    model, ids = load_model(source, device, dtype), ids.to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif not _reset_rss_peak():
+        return None
+    with torch.inference_mode():
+        for work in workloads(request):
+            work.run(model, ids, pad_id)
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss_peak()
+
+
+def _peak_memories(sources: list[str], request: BenchRequest, ids: torch.Tensor, pad_id: int) -> list:
+    # One fresh process per model: a process's memory high-water mark cannot tell two models apart.
+    peaks = {}
+    for source in dict.fromkeys(sources):
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            peaks[source] = pool.submit(_peak_memory, source, request, ids, pad_id).result()
+    return [peaks[source] for source in sources]
+
+
+@contextmanager
+def _torch_threads(threads: int | None):
+    """Use `threads` CPU threads inside the block, then restore the previous count."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def bench(request: BenchRequest) -> dict:
+    """Measure `request.models` against the baseline, side by side; write JSON/PNG if asked."""
+    request.validate()
+    if request.png:
+        _require_matplotlib()
+    sources = [resolve_model(request.baseline)] + [resolve_model(m) for m in request.models]
+    families = [get_family(load_config(source).model_type) for source in sources]  # fail before loading
+    device, dtype = resolve_device_dtype(request.device, request.dtype)
+    tokenizer = load_tokenizer(sources[0])
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+    ids = _prompt_ids(tokenizer, max(request.batch_sizes), max(request.prompt_len, request.prompt_tokens))
+    prompts = ids.to(device)
+
+    with _torch_threads(request.threads):
+        models = [load_model(source, device, dtype) for source in sources]
+        for source, model in zip(sources, models, strict=True):
+            if model.get_input_embeddings().num_embeddings <= int(ids.max()):
+                raise AmpruneError(f"{source} does not share the baseline's vocabulary")
+        costs = [model_cost(model, family) for model, family in zip(models, families, strict=True)]
+        works = workloads(request)
+        bar = tqdm(total=len(works) * (request.warmup + request.runs) * len(models), desc="bench", unit="run",
+                   disable=not request.progress)
+        results = []
+        with torch.inference_mode(), bar:
+            for work in works:
+                bar.set_postfix_str(work.name)
+                fns = [partial(work.run, model, prompts, pad_id) for model in models]
+                times = _alternate(fns, request.warmup, request.runs, device, bar)
+                results.append(_workload_result(work, times, costs))
+        environment = _environment(device, dtype)
+    peaks = _peak_memories(sources, request, ids, pad_id) if request.memory else [None] * len(sources)
+
+    names = [request.baseline or "packaged SmolLM2-135M-Instruct", *request.models]
+    result = {
+        "format": BENCH_FORMAT,
+        "protocol": {k: v for k, v in asdict(request).items() if k not in _NOT_PROTOCOL},
+        "environment": environment,
+        "models": [
+            {"role": "model" if i else "baseline", "source": names[i], "loaded_from": sources[i],
+             "cost": asdict(costs[i]), "peak_memory_bytes": peaks[i]}
+            for i in range(len(sources))
+        ],
+        "workloads": results,
+    }
+    if request.out:
+        Path(request.out).write_text(json.dumps(result, indent=2) + "\n")
+    if request.png:
+        plot(result, request.png)
+    return result
+
+
+def _workload_result(work: Workload, times: list[list[float]], costs: list[ModelCost]) -> dict:
+    base_times, base_flops = times[0], work.flops(costs[0])
+    per_model = []
+    for index, (seconds, cost) in enumerate(zip(times, costs, strict=True)):
+        stats = _spread(seconds)
+        entry = {"seconds": stats, "tokens_per_s": work.tokens / stats["median"], "flops": work.flops(cost)}
+        if work.new_tokens:
+            entry["weight_bytes_per_s"] = cost.weight_bytes * work.new_tokens / stats["median"]
+        if index:  # paired ratios: round i of the baseline against round i of this model
+            speedup = _spread([b / m for b, m in zip(base_times, seconds, strict=True)])
+            ideal = base_flops / entry["flops"]
+            entry.update(
+                speedup=speedup,
+                speedup_of_fastest=min(base_times) / min(seconds),  # the least disturbed run of each
+                ideal_speedup=ideal,
+                fraction_of_ideal=speedup["median"] / ideal,
+            )
+        per_model.append(entry)
+    return {**asdict(work), "tokens": work.tokens, "results": per_model}
+
+
+def _cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _environment(device: torch.device, dtype: torch.dtype) -> dict:
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({_cpu_name()})",
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": package_versions(),
+    }
+
+
+def _mib(nbytes: int | None) -> str:
+    return "n/a" if nbytes is None else f"{nbytes / 2**20:,.1f} MiB"
+
+
+def summary(result: dict) -> str:
+    """One table per measured model: every workload against the baseline, then sizes and memory."""
+    base = result["models"][0]
+    header = ("workload", "baseline", "model", "speedup [p25–p75]", "fastest runs", "ideal (FLOPs)",
+              "of ideal")
+    blocks = []
+    for index, model in enumerate(result["models"][1:], start=1):
+        rows: list[tuple[str, ...]] = []
+        for work in result["workloads"]:
+            b, m = work["results"][0], work["results"][index]
+            s = m["speedup"]
+            rows.append((
+                work["name"], f"{b['tokens_per_s']:,.1f} tok/s", f"{m['tokens_per_s']:,.1f} tok/s",
+                f"{s['median']:.3f}× [{s['p25']:.3f}–{s['p75']:.3f}]", f"{m['speedup_of_fastest']:.3f}×",
+                f"{m['ideal_speedup']:.3f}×", f"{m['fraction_of_ideal']:.0%}",
+            ))
+            if work["new_tokens"]:
+                latency = [f"{r['seconds']['median']:.3f} s" for r in (b, m)]
+                rows.append(("  latency (median)", *latency))
+        bc, mc = base["cost"], model["cost"]
+        rows += [
+            ("parameters", f"{bc['params']:,}", f"{mc['params']:,}", f"{mc['params'] / bc['params']:.1%}"),
+            ("weight bytes", _mib(bc["weight_bytes"]), _mib(mc["weight_bytes"])),
+            ("KV cache / token", f"{bc['kv_bytes_per_token']:,} B", f"{mc['kv_bytes_per_token']:,} B"),
+            ("peak memory", _mib(base["peak_memory_bytes"]), _mib(model["peak_memory_bytes"])),
+        ]
+        rows = [header] + [row + ("",) * (len(header) - len(row)) for row in rows]
+        blocks.append(f"{model['source']} vs baseline {base['source']}\n{table(rows)}")
+    env, proto = result["environment"], result["protocol"]
+    blocks.append(
+        f"{env['device']}, {env['dtype']}, {env['torch_threads']} threads; {proto['warmup']} warm-up + "
+        f"{proto['runs']} timed rounds per workload, models alternating; {env['date']}"
+    )
+    return "\n\n".join(blocks)
+
+
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise AmpruneError("--png needs matplotlib: pip install 'amprune[plot]'") from None
+
+
+def plot(result: dict, path: str) -> None:
+    """Bars per workload (tokens/s, baseline and every model); a tick marks each model's ideal."""
+    from matplotlib.figure import Figure  # the object API renders with Agg, no global backend state
+
+    works, models = result["workloads"], result["models"]
+    fig = Figure(figsize=(3.2 * len(works), 3.8), layout="constrained")
+    axes = fig.subplots(1, len(works), squeeze=False)[0]
+    labels = ["baseline"] + [Path(m["source"]).name or m["source"] for m in models[1:]]
+    for ax, work in zip(axes, works, strict=True):
+        base_tps = work["results"][0]["tokens_per_s"]
+        for i, entry in enumerate(work["results"]):
+            bar = ax.bar(i, entry["tokens_per_s"], color=f"C{i}", label=labels[i])[0]
+            if i:
+                ideal = base_tps * entry["ideal_speedup"]
+                ax.hlines(ideal, i - 0.4, i + 0.4, colors="black", linestyles="--",
+                          label="ideal (FLOPs)" if i == 1 else None)
+                label = f"{entry['speedup']['median']:.2f}×"
+                ax.annotate(label, (i, bar.get_height()), ha="center", va="bottom")
+        ax.set_title(work["name"], fontsize=9)
+        ax.set_xticks([])
+        ax.set_ylabel("tokens/s")
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", ncol=min(len(names), 4), fontsize=8)
+    fig.savefig(path, dpi=120)
