@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .errors import AmpruneError
 from .models.base import Dims, Family
-from .scoring import SCORERS, LayerTensors, amp_head_scores, amp_neuron_scores
+from .scoring import SCORERS, LayerTensors, head_contribution_norms
 from .textsets import PACKAGED_TEXTS, packaged_text
 
 logger = logging.getLogger(__name__)
@@ -160,22 +160,33 @@ class AmpStats:
         self.o_moments = Moments(dims.num_layers, dims.num_heads * dims.head_dim, device) if moments else None
         self.down_moments = Moments(dims.num_layers, dims.intermediate_size, device) if moments else None
 
-    def _valid_rows(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
-        # x: (B, T, C) → each sample's (T_b, C) real-token rows
-        for b in range(x.shape[0]):
-            yield x[b] if self.mask is None else x[b][self.mask[b].bool()]
+    def _sample_means(self, values: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) per-token values → (B, C) token-means over each sample's real tokens.
+
+        `values` must be a fresh tensor (it is scaled in place)."""
+        if self.mask is None:
+            return values.mean(dim=1)
+        weights = self.mask.to(values.dtype).unsqueeze(-1)  # (B, T, 1): 1 for real tokens, 0 for padding
+        return values.mul_(weights).sum(dim=1) / weights.sum(dim=1)
+
+    def _real_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, T, C) → (N, C): the rows of real tokens only
+        return x.reshape(-1, x.shape[-1]) if self.mask is None else x[self.mask.bool()]
 
     def record_heads(self, layer: int, o_input: torch.Tensor, o_weight: torch.Tensor) -> None:
-        for rows in self._valid_rows(o_input):
-            self.head_sums[layer] += amp_head_scores(rows, o_weight, self.dims.num_heads).double()
-            if self.o_moments is not None:
-                self.o_moments.add(layer, rows)
+        # The whole batch at once (padding included, then excluded from the means): one large matmul
+        # per layer instead of one per sample.
+        batch, tokens, _ = o_input.shape
+        norms = head_contribution_norms(o_input.reshape(batch * tokens, -1), o_weight, self.dims.num_heads)
+        self.head_sums[layer] += self._sample_means(norms.view(batch, tokens, -1)).sum(dim=0).double()
+        if self.o_moments is not None:
+            self.o_moments.add(layer, self._real_tokens(o_input))
 
     def record_neurons(self, layer: int, down_input: torch.Tensor) -> None:
-        for rows in self._valid_rows(down_input):
-            self.neuron_sums[layer] += amp_neuron_scores(rows).double()
-            if self.down_moments is not None:
-                self.down_moments.add(layer, rows)
+        # Eq. 9: |act(x W_gate) · (x W_up)| is exactly |input of down_proj| (|act(x W_fc1)| for a plain MLP)
+        self.neuron_sums[layer] += self._sample_means(down_input.float().abs()).sum(dim=0).double()
+        if self.down_moments is not None:
+            self.down_moments.add(layer, self._real_tokens(down_input))
 
     def scores(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(L, H) head scores and (L, I) neuron scores, averaged over samples, on the CPU."""

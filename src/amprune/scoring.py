@@ -11,41 +11,31 @@ from dataclasses import dataclass
 
 import torch
 
-# Head contributions are (T, H, D): chunk tokens so scoring a 7B layer never holds more than
-# TOKEN_CHUNK × H × D floats at once.
-TOKEN_CHUNK = 256
+# Head contributions are (H, t, D): chunk tokens so that at most CHUNK_ELEMENTS floats (64 MiB) exist at
+# once — a whole 512-token sample for SmolLM2, 128 tokens for a 7B layer.
+CHUNK_ELEMENTS = 1 << 24
 
 
-def amp_head_scores(o_input: torch.Tensor, o_weight: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Token-mean of ‖h_n · W_O[:, n]‖₁ for every head n (Eq. 8 with the code's token-mean).
+def head_contribution_norms(o_input: torch.Tensor, o_weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """‖h_n · W_O[:, n]‖₁ for every token and head n: the size of each head's term of the attention output.
 
     Args:
-        o_input: (T, H·d) the input of `o_proj`, i.e. the concatenated head outputs of one sample.
+        o_input: (N, H·d) the input of `o_proj` (the concatenated head outputs), one row per token.
         o_weight: (D, H·d) the `o_proj` weight (nn.Linear layout: y = x Wᵀ).
     Returns:
-        (H,) float32 scores.
+        (N, H) float32.
     """
     tokens = o_input.shape[0]
     head_dim = o_input.shape[1] // num_heads
     # W_O rows per head in the paper's x·W convention: (H, d, D)
     per_head_w = o_weight.float().t().reshape(num_heads, head_dim, -1)
-    total = torch.zeros(num_heads, dtype=torch.float32, device=o_input.device)
-    for start in range(0, tokens, TOKEN_CHUNK):
-        h = o_input[start : start + TOKEN_CHUNK].float().view(-1, num_heads, head_dim)  # (t, H, d)
-        contributions = torch.einsum("thd,hdD->thD", h, per_head_w)  # (t, H, D)
-        total += contributions.abs().sum(dim=(0, 2))
-    return total / tokens
-
-
-def amp_neuron_scores(down_input: torch.Tensor) -> torch.Tensor:
-    """Token-mean of |act(x W_gate) · (x W_up)| per neuron: the input of `down_proj` (Eq. 9).
-
-    Args:
-        down_input: (T, I) the input of `down_proj` for one sample (for a plain MLP, act(x W_fc1)).
-    Returns:
-        (I,) float32 scores.
-    """
-    return down_input.float().abs().mean(dim=0)
+    rows = max(1, CHUNK_ELEMENTS // (num_heads * per_head_w.shape[2]))
+    norms = torch.empty(tokens, num_heads, dtype=torch.float32, device=o_input.device)
+    for start in range(0, tokens, rows):
+        h = o_input[start : start + rows].float().view(-1, num_heads, head_dim).transpose(0, 1)  # (H, t, d)
+        contributions = torch.bmm(h, per_head_w)  # (H, t, D), a fresh tensor: abs_ in place is safe
+        norms[start : start + rows] = contributions.abs_().sum(dim=2).t()
+    return norms
 
 
 # ---------------------------------------------------------------------------------------------------------
