@@ -205,18 +205,18 @@ def markdown_table(results: dict) -> str:
     """One row per run (dense first): ratio, parameters, perplexity, accuracy per task and average."""
     dense = results["dense"]
     rows = [{"scorer": "dense", "ratio": 0.0, "achieved_fraction": 0.0, **dense}] if dense else []
-    rows += sorted(results["runs"], key=lambda r: (r["ratio"], r["scorer"]))
+    rows += sorted(results["runs"], key=lambda r: r["ratio"])  # stable: scorers in the order asked
     tasks = sorted({task for row in rows for task in row.get("accuracy", {})})
-    header = ["scorer", "ratio", "removed", "params", "perplexity", *tasks, "average"]
+    header = ["scorer", "ratio", "removed", "params", "perplexity", *tasks] + (["average"] if tasks else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["scorer"], f"{row['ratio']:g}", f"{100 * row['achieved_fraction']:.1f} %", f"{row['params']:,}"]
         if "error" in row:
-            cells += [f"failed: {row['error']}"] + [""] * (len(tasks) + 1)
+            cells += [f"failed: {row['error']}"] + [""] * (len(header) - 5)
         else:
             accuracy = row.get("accuracy", {})
             cells += [_cell(row.get("perplexity"))] + [_cell(accuracy.get(t), True) for t in tasks]
-            cells += [_cell(row.get("average"), True)]
+            cells += [_cell(row.get("average"), True)] if tasks else []
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
