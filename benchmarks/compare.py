@@ -9,7 +9,8 @@ task; every limit is in each compare.json (`settings`) and must be quoted with t
 Usage:
   python benchmarks/compare.py --out docs/compare/smollm2 [--model M] [--scorers ...] [--ratios 0.1,0.2,0.3,0.5]
       [--ppl-windows 8] [--samples 16] [--reconstruct-scorers amp,flap --reconstruct-ratios 0.3,0.5]
-      [--zero-shot-scorers amp,flap,random --zero-shot-ratios 0.3 --tasks amp5 --limit 40]
+      [--zero-shot-scorers amp,flap,random --zero-shot-ratios 0.3 --tasks amp5 --limit 40] [--phases ...]
+  python benchmarks/compare.py --merge DIR1 DIR2 --out DIR     # runs split over processes → one table and plots
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from amprune.compare import CompareRequest, run_compare
+from amprune.compare import CompareRequest, run_compare, write_outputs
 
 
 def _list(text: str) -> list[str]:
@@ -43,6 +44,20 @@ def machine() -> dict:
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "load_average": os.getloadavg(),
     }
+
+
+def merge(folders: list[str], out: str) -> None:
+    """One results set from runs split over processes (same model, calibration and seed): the dense row
+    of the first folder, every run of all of them."""
+    parts = [json.loads((Path(folder) / "compare.json").read_text()) for folder in folders]
+    for part in parts[1:]:
+        same = ("model", "calib", "samples", "seq_len", "seed", "ppl_source", "ppl_seq_len", "ppl_windows", "tasks")
+        if any(part["settings"][key] != parts[0]["settings"][key] for key in same):
+            raise SystemExit(f"cannot merge: settings differ between {folders[0]} and another folder")
+    merged = {**parts[0], "runs": [run for part in parts for run in part["runs"]], "merged_from": folders}
+    Path(out).mkdir(parents=True, exist_ok=True)
+    write_outputs(merged, Path(out))
+    print((Path(out) / "compare.md").read_text())
 
 
 def main() -> None:
@@ -64,9 +79,13 @@ def main() -> None:
     parser.add_argument("--zero-shot-scorers", type=_list, default=[],
                         help="then run these scorers with zero-shot --tasks (OUT/zero_shot)")
     parser.add_argument("--zero-shot-ratios", type=lambda t: [float(x) for x in _list(t)])
+    parser.add_argument("--merge", nargs="+", metavar="FOLDER",
+                        help="only merge these finished result folders into --out (tables and plots)")
     parser.add_argument("--phases", type=_list, default=["perplexity", "zero_shot", "reconstruct"],
                         help="which phases to run (to run them in separate processes)")
     args = parser.parse_args()
+    if args.merge:
+        return merge(args.merge, args.out)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     # Phases, cheapest first, so that what finishes on a busy machine is a complete comparison:

@@ -186,13 +186,14 @@ def _one_run(pruned_copy, tokenizer, info, budget, scorer: str, ratio: float, sc
 
 
 def write_outputs(results: dict, out: Path) -> None:
-    """compare.json (atomically), compare.md and the two metric plots, from everything run so far."""
+    """compare.json (atomically), compare.md and the metric plots (accuracy only with zero-shot tasks)."""
     staging = out / ".compare.json.tmp"
     staging.write_text(json.dumps(results, indent=1) + "\n")
     os.replace(staging, out / "compare.json")
     (out / "compare.md").write_text(markdown_table(results) + "\n")
     plot_metric(results, "perplexity", "perplexity (log scale)", out / "perplexity.png", log=True)
-    plot_metric(results, "average", "average zero-shot accuracy", out / "accuracy.png")
+    if any("average" in row for row in [results["dense"] or {}, *results["runs"]]):
+        plot_metric(results, "average", "average zero-shot accuracy", out / "accuracy.png")
 
 
 def _cell(value: float | None, percent: bool = False) -> str:
