@@ -57,7 +57,25 @@ def merge(folders: list[str], out: str) -> None:
     merged = {**parts[0], "runs": [run for part in parts for run in part["runs"]], "merged_from": folders}
     Path(out).mkdir(parents=True, exist_ok=True)
     write_outputs(merged, Path(out))
-    print((Path(out) / "compare.md").read_text())
+    (Path(out) / "perplexity_by_ratio.md").write_text(pivot(merged) + "\n")
+    print(pivot(merged))
+
+
+def pivot(results: dict) -> str:
+    """Perplexity with one row per scorer and one column per ratio (parameters removed in the header)."""
+    runs = results["runs"]
+    ratios = sorted({run["ratio"] for run in runs})
+    removed = {run["ratio"]: run["achieved_fraction"] for run in runs}
+    header = ["scorer", *(f"{r:g} ({100 * removed[r]:.1f} % removed)" for r in ratios)]
+    lines = [f"Dense model: perplexity {results['dense']['perplexity']:.2f}.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for scorer in dict.fromkeys(run["scorer"] for run in runs):
+        cells = []
+        for ratio in ratios:
+            run = next((r for r in runs if r["scorer"] == scorer and r["ratio"] == ratio), None)
+            cells.append("–" if run is None else run.get("error", "") or f"{run['perplexity']:,.2f}")
+        lines.append(f"| {scorer} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
