@@ -6,7 +6,8 @@
 2. `amprune.benchmark.bench` in two passes, every model in the same process, alternating per round:
    - *target*: prefill b8 ×128 only, dense vs the three 30 % models, more rounds (issue 7's target);
    - *protocol*: dense vs the four 20/30 % models; generation 12+128 (batch 1), prefill ×128 at batch
-     1, 8 and 32, peak memory. Few rounds: this 2-core machine is shared, see docs/RESULTS.md.
+     1, 8 and 32, peak memory. Few rounds: this 2-core machine is shared, see docs/RESULTS.md;
+   - *latency* (optional): the generation 12+128 of the protocol pass alone, with more rounds.
 3. *widths*: the MLP's GEMMs alone (gate/up: 1024×576 @ 576×I, down: 1024×I @ I×576, i.e. prefill b8
    ×128) at the kept neuron counts of the plans and their multiples-of-64 neighbours, time per neuron
    relative to the dense 1536, rounds alternating.
@@ -116,6 +117,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds per pass (default: 1)")
     parser.add_argument("--runs", type=int, default=3, help="timed rounds, protocol pass (default: 3)")
     parser.add_argument("--target-runs", type=int, default=10, help="timed rounds, target pass (default: 10)")
+    parser.add_argument("--latency-runs", type=int, default=5, help="timed rounds, latency pass (default: 5)")
     parser.add_argument("--prompt-len", type=int, default=128, help="prefill length, protocol pass (default: 128)")
     parser.add_argument("--gemm-rounds", type=int, default=30, help="timed rounds of the widths pass (default: 30)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -129,6 +131,11 @@ def main() -> None:
             models=[folders[name] for name in TARGET], out=str(work / "target.json"), png=str(work / "target.png"),
             batch_sizes=[8], new_tokens=0, warmup=args.warmup, runs=args.target_runs, memory=False,
             threads=args.threads,
+        ),
+        "latency": BenchRequest(  # the paper's protocol alone, with more rounds than the protocol pass
+            models=[folders[name] for name in PROTOCOL], out=str(work / "latency.json"),
+            png=str(work / "latency.png"), prompt_len=args.prompt_len, batch_sizes=[1], warmup=args.warmup,
+            runs=args.latency_runs, memory=False, threads=args.threads,
         ),
         "protocol": BenchRequest(
             models=[folders[name] for name in PROTOCOL], out=str(work / "protocol.json"),

@@ -71,8 +71,8 @@ class BenchRequest:
     progress: bool = True
 
     def validate(self) -> None:
-        if not self.models:
-            raise AmpruneError("give at least one model to measure with --model")
+        if not self.models or not self.batch_sizes:
+            raise AmpruneError("give at least one model (--model) and one prefill batch size (--batch-sizes)")
         sizes = [("--prompt-tokens", self.prompt_tokens), ("--prompt-len", self.prompt_len), ("--runs", self.runs)]
         sizes += [("--batch-sizes", b) for b in self.batch_sizes]
         sizes += [("--threads", self.threads)] if self.threads is not None else []
@@ -375,26 +375,24 @@ def _require_matplotlib() -> None:
 
 
 def plot(result: dict, path: str) -> None:
-    """Bars per workload (tokens/s, baseline and every model); a tick marks each model's ideal."""
+    """One panel per workload: speedup bars (baseline = 1, median with quartiles), ideal dashed."""
     from matplotlib.figure import Figure  # the object API renders with Agg, no global backend state
 
     works, models = result["workloads"], result["models"]
-    fig = Figure(figsize=(3.2 * len(works), 3.8), layout="constrained")
-    axes = fig.subplots(1, len(works), squeeze=False)[0]
+    fig = Figure(figsize=(max(2.6 * len(works), 5.0), 4.0), layout="constrained")
+    axes = fig.subplots(1, len(works), squeeze=False, sharey=True)[0]
     labels = ["baseline"] + [Path(m["source"]).name or m["source"] for m in models[1:]]
     for ax, work in zip(axes, works, strict=True):
-        base_tps = work["results"][0]["tokens_per_s"]
-        for i, entry in enumerate(work["results"]):
-            bar = ax.bar(i, entry["tokens_per_s"], color=f"C{i}", label=labels[i])[0]
-            if i:
-                ideal = base_tps * entry["ideal_speedup"]
-                ax.hlines(ideal, i - 0.4, i + 0.4, colors="black", linestyles="--",
-                          label="ideal (FLOPs)" if i == 1 else None)
-                label = f"{entry['speedup']['median']:.2f}×"
-                ax.annotate(label, (i, bar.get_height()), ha="center", va="bottom")
-        ax.set_title(work["name"], fontsize=9)
+        ax.bar(0, 1.0, color="C0", label=labels[0])
+        for i, entry in enumerate(work["results"][1:], start=1):
+            s = entry["speedup"]
+            ax.bar(i, s["median"], yerr=[[s["median"] - s["p25"]], [s["p75"] - s["median"]]], capsize=3,
+                   color=f"C{i}", label=labels[i])
+            ax.hlines(entry["ideal_speedup"], i - 0.4, i + 0.4, colors="black", linestyles="--",
+                      label="ideal (FLOPs)" if i == 1 else None)
+        ax.set_title(f"{work['name']}\nbaseline {work['results'][0]['tokens_per_s']:,.1f} tok/s", fontsize=8)
         ax.set_xticks([])
-        ax.set_ylabel("tokens/s")
+    axes[0].set_ylabel("speedup over the baseline (×)")
     handles, names = axes[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="outside lower center", ncol=min(len(names), 4), fontsize=8)
+    fig.legend(handles, names, loc="outside lower center", ncol=min(len(names), 3), fontsize=8)
     fig.savefig(path, dpi=120)

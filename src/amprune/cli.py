@@ -200,7 +200,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--model", nargs="+", required=True, help="model(s) to measure: HF folder, .gguf file or hub id")
     p.add_argument("--baseline", help="reference model (default: the packaged SmolLM2-135M-Instruct)")
     p.add_argument("--out", required=True, help="JSON file for the results")
-    p.add_argument("--png", help="bar chart: tokens/s per workload, baseline vs models, ideal marked")
+    p.add_argument("--png", help="bar chart: speedup per workload, baseline vs models, the ideal marked")
     proto = p.add_argument_group("protocol (defaults: the AMP paper's latency protocol)")
     proto.add_argument("--prompt-tokens", type=int, default=12, help="prompt of the generation (default: 12)")
     proto.add_argument("--new-tokens", type=int, default=128,
