@@ -93,12 +93,13 @@ def table(results: dict) -> str:
     lines += ["", "| ratio | calibrate (s) | reconstruct (s) | reconstruct / calibrate | prune process peak RSS (GiB) "
               "| recover (s) | recover peak RSS (GiB) |", "|---|---|---|---|---|---|---|"]
     for ratio, steps in results["steps"].items():
-        prune, recover = steps["amp+rec"], steps["amp+rec+lora"]
+        prune, recover = steps["amp+rec"], steps.get("amp+rec+lora")
         calibrate, reconstruct = prune["steps_s"]["calibrate"], prune["steps_s"]["reconstruct"]
+        lora = (f"{recover['steps_s']['recover']:.0f} | {recover['peak_rss_bytes'] / 2**30:.2f}" if recover
+                else "— | —")
         lines.append(
             f"| {float(ratio):.0%} | {calibrate:.0f} | {reconstruct:.0f} | {reconstruct / calibrate:.2f} | "
-            f"{prune['peak_rss_bytes'] / 2**30:.2f} | {recover['steps_s']['recover']:.0f} | "
-            f"{recover['peak_rss_bytes'] / 2**30:.2f} |"
+            f"{prune['peak_rss_bytes'] / 2**30:.2f} | {lora} |"
         )
     return "\n".join(lines)
 
@@ -136,9 +137,10 @@ def model_folders(work: Path, ratios: list[float], dense_source: str) -> dict[st
     folders: dict[str, tuple[str, str | None]] = {"dense": (dense_source, None)}
     for ratio in ratios:
         rec, lora = work / f"rec-{ratio}", work / f"lora-{ratio}"
-        if lora.is_dir():  # saved atomically: present means complete
-            folders.update({f"amp@{ratio}": (dense_source, str(rec)), f"amp+rec@{ratio}": (str(rec), None),
-                            f"amp+rec+lora@{ratio}": (str(lora), None)})
+        if rec.is_dir():  # saved atomically: present means complete
+            folders.update({f"amp@{ratio}": (dense_source, str(rec)), f"amp+rec@{ratio}": (str(rec), None)})
+        if lora.is_dir():
+            folders[f"amp+rec+lora@{ratio}"] = (str(lora), None)
     return folders
 
 
@@ -166,6 +168,10 @@ def zero_shot_phase(args, work: Path, ratios: list[float], dense_source: str) ->
 def report(args) -> None:
     """Merge the perplexity and zero-shot results, print the tables, draw the plot."""
     results = json.loads(Path(args.out).read_text())
+    for extra in filter(None, args.merge.split(",")):  # builds of other ratios run in parallel processes
+        more = json.loads(Path(extra).read_text())
+        results["models"].update({k: v for k, v in more["models"].items() if k != "dense"})
+        results["steps"].update(more["steps"])
     path = Path(args.zero_shot_out)
     if path.exists():
         for name, value in json.loads(path.read_text())["amp5"].items():
@@ -179,7 +185,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ratios", default="0.3,0.5,0.2,0.1", help="pruning ratios, in this order")
     parser.add_argument("--samples", type=int, default=16, help="calibration samples of 512 tokens (default: 16)")
-    parser.add_argument("--max-steps", type=int, default=20, help="LoRA recovery steps of 512 tokens (default: 20)")
+    parser.add_argument("--max-steps", type=int, default=20,
+                        help="LoRA recovery steps of 512 tokens; 0: no recovery (default: 20)")
+    parser.add_argument("--no-dense", action="store_true", help="build: skip the dense model (another build has it)")
     parser.add_argument("--ppl-windows", type=int, default=8, help="perplexity windows per text (default: 8)")
     parser.add_argument("--ppl-seq-len", type=int, default=512, help="perplexity window length (default: 512)")
     parser.add_argument("--limit", type=int, default=50, help="zero-shot documents per task (default: 50)")
@@ -189,6 +197,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "reconstruction.json"))
     parser.add_argument("--zero-shot-out", default=str(ROOT / "benchmarks" / "results" / "reconstruction_amp5.json"))
     parser.add_argument("--plot", default=str(ROOT / "docs" / "reconstruction.png"), help="where the PNG goes")
+    parser.add_argument("--merge", default="", help="report: other builds' result files to add, comma-separated")
     parser.add_argument(
         "--phase", choices=("all", "build", "zero-shot", "report"), default="all",
         help="build: checkpoints, times and perplexities; zero-shot: amp5 as checkpoints appear (can run beside "
@@ -221,8 +230,9 @@ def main() -> None:
         print(name, results["models"][name], flush=True)
         save()
 
-    results["models"]["dense"] = {}
-    measure_ppl("dense")
+    if not args.no_dense:
+        results["models"]["dense"] = {}
+        measure_ppl("dense")
     for ratio in ratios:
         if past(args.ratio_deadline):
             print(f"{args.ratio_deadline} UTC reached: ratio {ratio} and later not run", flush=True)
@@ -231,9 +241,10 @@ def main() -> None:
         steps = results["steps"][str(ratio)] = {}
         steps["amp+rec"] = run_step(["prune", "--ratio", str(ratio), "--samples", str(args.samples), "--reconstruct",
                                      "--out", rec, "--overwrite"])
-        steps["amp+rec+lora"] = run_step(["recover", "--model", rec, "--out", lora, "--max-steps",
-                                          str(args.max_steps), "--overwrite"])
-        for variant in VARIANTS:
+        if args.max_steps > 0:
+            steps["amp+rec+lora"] = run_step(["recover", "--model", rec, "--out", lora, "--max-steps",
+                                              str(args.max_steps), "--overwrite"])
+        for variant in VARIANTS[: 3 if args.max_steps > 0 else 2]:
             results["models"][f"{variant}@{ratio}"] = {"ratio": ratio, "variant": variant}
             measure_ppl(f"{variant}@{ratio}")
 
