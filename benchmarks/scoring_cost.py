@@ -8,8 +8,9 @@ Three passes over identical batches of the packaged SmolLM2-135M-Instruct:
 Time: the passes run alternately, `--repeats` rounds, in one process; medians are compared. Both wall
 time and process CPU time are recorded: on a shared machine CPU time is the steadier measure of the
 work a pass does.
-Memory: each pass runs once more in a fresh subprocess; we report its peak RSS and the peak above the
-RSS after loading (the model weights), since a process's peak RSS only ever grows.
+Memory: each pass runs once more in a fresh subprocess. After loading, the process's peak-RSS mark is
+reset (Linux `/proc/self/clear_refs`), so the reported peak is that of the pass alone (weights included);
+the peak above the RSS at the reset is the pass's own working memory.
 
 Usage: python benchmarks/scoring_cost.py [--samples 48 --seq-len 512 --batch-size 8 --repeats 5] [--json out.json]
 """
@@ -17,9 +18,9 @@ Usage: python benchmarks/scoring_cost.py [--samples 48 --seq-len 512 --batch-siz
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -54,18 +55,21 @@ def run_pass(name: str, model, calib, batch_size: int) -> None:
             forward(input_ids=ids, attention_mask=mask, use_cache=False)
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * resource.getpagesize()
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        line = next(line for line in handle if line.startswith(field + ":"))
+    return int(line.split()[1])
 
 
 def memory_child(args) -> None:
-    """Runs in a subprocess: one pass, then prints peak RSS and RSS after loading as JSON."""
+    """Runs in a subprocess: one pass; prints the RSS before it and the peak RSS during it (bytes) as JSON."""
     model, calib = setup(args)
-    loaded = rss_bytes()
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
+    loaded = _status_kib("VmRSS") * 1024
     run_pass(args.child, model, calib, args.batch_size)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"loaded": loaded, "peak": peak}))
+    print(json.dumps({"loaded": loaded, "peak": _status_kib("VmHWM") * 1024}))
 
 
 def main() -> None:
@@ -97,7 +101,8 @@ def main() -> None:
     for name in PASSES:
         cmd = [sys.executable, __file__, "--child", name, "--samples", str(args.samples), "--seq-len",
                str(args.seq_len), "--batch-size", str(args.batch_size)]
-        memory[name] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        printed = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        memory[name] = json.loads(printed.splitlines()[-1])
 
     result = {
         "command": "python " + " ".join(sys.argv),
