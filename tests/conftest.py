@@ -47,10 +47,10 @@ def tiny_config(case: str, **overrides):
     return AutoConfig.for_model(model_type, **fields)
 
 
-def tiny_model(case: str, seed: int = 0, **overrides):
-    """A tiny model with deterministic weights large enough that every unit matters in the logits."""
+def random_model(config, seed: int = 0):
+    """A model of `config` with deterministic weights large enough that every unit matters in the logits."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(case, **overrides), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:
@@ -58,6 +58,10 @@ def tiny_model(case: str, seed: int = 0, **overrides):
             else:
                 param.normal_(0.0, 0.2 if param.dim() > 1 else 0.1)
     return model.eval()
+
+
+def tiny_model(case: str, seed: int = 0, **overrides):
+    return random_model(tiny_config(case, **overrides), seed)
 
 
 def save_tiny(folder, case: str, seed: int = 0, **overrides) -> str:

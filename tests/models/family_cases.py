@@ -9,9 +9,9 @@ from __future__ import annotations
 import copy
 
 import torch
-from conftest import VOCAB
+from conftest import VOCAB, random_model
 from test_surgery import random_plan
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig
 
 from amprune.models import Dims, get_family
 
@@ -46,16 +46,7 @@ def family_config(case: str, **overrides):
 
 
 def family_model(case: str, seed: int = 0, **overrides):
-    """A tiny model with deterministic weights large enough that every unit matters in the logits."""
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(family_config(case, **overrides), dtype=torch.float32)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.uniform_(0.5, 1.5)
-            else:
-                param.normal_(0.0, 0.2 if param.dim() > 1 else 0.1)
-    return model.eval()
+    return random_model(family_config(case, **overrides), seed)
 
 
 def family_and_dims(model):
