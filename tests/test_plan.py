@@ -69,6 +69,17 @@ def test_accepted_head_counts_steer_the_ratio_and_the_head_ratio():
     assert 4 - budget.heads_removed in {1, 2, 4}
 
 
+def test_round_to_keeps_a_multiple_of_n_neurons_closest_to_the_ratio():
+    exact = make_budget(SMOL, SMOL_UNITS, SMOL_PARAMS, "query", ratio=0.3)
+    rounded = make_budget(SMOL, SMOL_UNITS, SMOL_PARAMS, "query", ratio=0.3, round_to=64)
+    assert (1536 - exact.neurons_removed, 1536 - rounded.neurons_removed) == (886, 896)  # 896 = 14 × 64
+    assert rounded.heads_removed == exact.heads_removed == 3
+    assert abs(rounded.achieved_fraction - 0.3) < 64 * SMOL_UNITS.neuron * 30 / SMOL_PARAMS
+    explicit = make_budget(SMOL, SMOL_UNITS, SMOL_PARAMS, "query", mlp_ratio=0.3, round_to=64)
+    assert 1536 - explicit.neurons_removed == 1088  # 0.7 × 1536 = 1075.2 → nearest multiple of 64
+    assert make_budget(SMOL, SMOL_UNITS, SMOL_PARAMS, "query", mlp_ratio=0.3).neurons_removed == 461
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -81,6 +92,7 @@ def test_accepted_head_counts_steer_the_ratio_and_the_head_ratio():
         (dict(ratio=0.95), "--ratio 0.95 would remove every attention head"),
         (dict(head_ratio=0.1, gqa_mode="group"), "--gqa-mode group cannot express --head-ratio 0.1"),
         (dict(ratio=0.2, gqa_mode="heads"), "unknown --gqa-mode 'heads'; choose one of: query, group"),
+        (dict(ratio=0.2, round_to=0), "--round-to must be between 1 and 1536, got 0"),
     ],
 )
 def test_bad_requests_are_refused(kwargs, message):

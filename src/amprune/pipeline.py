@@ -45,6 +45,7 @@ class PruneRequest:
     head_ratio: float | None = None
     mlp_ratio: float | None = None
     gqa_mode: str = "query"
+    round_to: int = 1  # keep a multiple of this many neurons per layer (1: AMP's exact rule)
     calib: str = "c4"
     samples: int = DEFAULT_SAMPLES
     seq_len: int = DEFAULT_SEQ_LEN
@@ -91,12 +92,17 @@ class ModelInfo:
     units: UnitParams
 
     def budget(
-        self, gqa_mode: str, ratio: float | None = None, head_ratio: float | None = None, mlp_ratio: float | None = None
+        self,
+        gqa_mode: str,
+        ratio: float | None = None,
+        head_ratio: float | None = None,
+        mlp_ratio: float | None = None,
+        round_to: int = 1,
     ) -> Budget:
         """The validated per-layer removal counts for a request (see `amprune.plan.make_budget`)."""
         budget = make_budget(
             self.dims, self.units, self.total_params, gqa_mode, ratio, head_ratio, mlp_ratio,
-            accepted_heads=self.family.accepted_head_counts(self.config),
+            accepted_heads=self.family.accepted_head_counts(self.config), round_to=round_to,
         )
         self.family.check_head_pruning(self.config, budget.heads_removed)
         for note in budget.notes:
@@ -133,7 +139,9 @@ def prune(request: PruneRequest) -> PruneResult:
                            "use one")
     target = describe_model(request.model, request.bias_compensation)
     source, config, family, dims = target.source, target.config, target.family, target.dims
-    budget = target.budget(request.gqa_mode, request.ratio, request.head_ratio, request.mlp_ratio)
+    budget = target.budget(
+        request.gqa_mode, request.ratio, request.head_ratio, request.mlp_ratio, request.round_to
+    )
     check_scorers([request.scorer])
     if request.out is not None:
         check_output_dir(request.out, request.overwrite)
@@ -172,6 +180,7 @@ def prune(request: PruneRequest) -> PruneResult:
             "head_ratio": request.head_ratio,
             "mlp_ratio": request.mlp_ratio,
             "gqa_mode": request.gqa_mode,
+            "round_to": request.round_to,
             "bias_compensation": request.bias_compensation,
             "dtype": str(dtype).removeprefix("torch."),
         },

@@ -102,13 +102,18 @@ def make_budget(
     head_ratio: float | None = None,
     mlp_ratio: float | None = None,
     accepted_heads: Collection[int] | None = None,
+    round_to: int = 1,
 ) -> Budget:
     """Validate a request and turn it into per-layer removal counts.
 
     Either `ratio` (fraction of all parameters, AMP's c) or `head_ratio`/`mlp_ratio` (per-layer fractions
     of heads and neurons) is given. `accepted_heads` restricts the kept head count to what the stock
-    config can hold (None: any). Raises `AmpruneError` with the fix for every impossible request.
+    config can hold (None: any). `round_to` keeps a multiple of that many neurons per layer (1: AMP's
+    exact rule; 64 gives matmul shapes CPUs and GPUs run at full speed). Raises `AmpruneError` with the
+    fix for every impossible request.
     """
+    if round_to < 1 or round_to > dims.intermediate_size:
+        raise AmpruneError(f"--round-to must be between 1 and {dims.intermediate_size}, got {round_to}")
     notes: list[str] = []
     if gqa_mode not in GQA_MODES:
         raise AmpruneError(f"unknown --gqa-mode '{gqa_mode}'; choose one of: {', '.join(GQA_MODES)}")
@@ -129,7 +134,7 @@ def make_budget(
     if ratio is not None:
         _check_fraction("--ratio", ratio)
         heads, kv_heads, neurons = _solve_uniform_fraction(
-            dims, units, total_params, gqa_mode, ratio, accepted_heads
+            dims, units, total_params, gqa_mode, ratio, accepted_heads, round_to
         )
         _check_left(dims, gqa_mode, heads, neurons, f"--ratio {ratio}")
     else:
@@ -138,7 +143,7 @@ def make_budget(
         _check_fraction("--head-ratio", head_ratio)
         _check_fraction("--mlp-ratio", mlp_ratio)
         heads, kv_heads = head_removal(dims, gqa_mode, head_ratio)
-        neurons = _round_half_up(mlp_ratio * dims.intermediate_size)
+        neurons = _rounded_removal(dims.intermediate_size, _round_half_up(mlp_ratio * dims.intermediate_size), round_to)
         _check_left(dims, gqa_mode, heads, neurons, f"--head-ratio {head_ratio} / --mlp-ratio {mlp_ratio}")
         if head_ratio > 0 and heads == 0:
             units_name = "KV groups" if gqa_mode == "group" else "query heads per KV group"
@@ -170,6 +175,14 @@ def make_budget(
     )
 
 
+def _rounded_removal(inter: int, removed: int, round_to: int) -> int:
+    """The removal closest to `removed` that keeps a multiple of `round_to` neurons (or all of them)."""
+    if round_to == 1:
+        return removed
+    kept = max(round_to, _round_half_up((inter - removed) / round_to) * round_to)
+    return max(0, inter - kept)
+
+
 def _removal_options(dims: Dims, gqa_mode: str) -> list[tuple[int, int]]:
     """Every (query heads, KV heads) removal per layer a GQA mode can express, fewest first."""
     if gqa_mode == "query":
@@ -194,17 +207,23 @@ def _solve_uniform_fraction(
     gqa_mode: str,
     ratio: float,
     accepted_heads: Collection[int] | None = None,
+    round_to: int = 1,
 ) -> tuple[int, int, int]:
     """The (heads, KV heads, neurons) removed per layer for one shared fraction p, closest to `ratio`.
 
     Every neuron count m is reached by p in [(m − ½)/I, (m + ½)/I); the head counts reachable by the same
-    p are the roundings at both ends of that interval. Enumerating m is exact and cheap.
+    p are the roundings at both ends of that interval. Enumerating m is exact and cheap. Head counts the
+    stock config would refuse are skipped. With `round_to` > 1 only removals that keep a multiple of
+    `round_to` neurons are candidates, each standing for p within ±round_to/2 neurons.
     """
     inter = dims.intermediate_size
     best: tuple[float, int, tuple[int, int, int]] | None = None
+    half = round_to / 2
     for m in range(inter):
-        lo = max(0.0, (m - 0.5) / inter)
-        hi = (m + 0.5) / inter - 1e-12
+        if round_to > 1 and (inter - m) % round_to:
+            continue
+        lo = max(0.0, (m - half) / inter)
+        hi = (m + half) / inter - 1e-12
         for p in (lo, hi):
             heads, kv = head_removal(dims, gqa_mode, p)
             if accepted_heads is not None and dims.num_heads - heads not in accepted_heads:
