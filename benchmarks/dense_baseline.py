@@ -35,7 +35,7 @@ MODEL_NAME = "packaged SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32)
 SECTION = "## Dense baseline: zero-shot and perplexity (issue: evaluation)"
 TASK_ORDER = ("arc_challenge", "arc_easy", "winogrande", "piqa", "hellaswag", "openbookqa", "boolq")  # amp5 first
 FULL_ORDER = ("arc_challenge", "arc_easy", "winogrande", "piqa", "openbookqa", "boolq", "hellaswag")  # costliest last
-PPL_RUNS = (("c4", 2048, 1), ("wiki", 2048, 1), ("c4", 128, 16), ("wiki", 128, 16))  # text, seq_len, batch
+PPL_RUNS = "c4:2048,wiki:2048,c4:128,wiki:128"  # text:seq_len, in this order
 QUICK_WINDOWS = {2048: 4, 128: 64}
 ROUNDS = "25,100,full"  # documents per task in each round
 
@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--no-doc", action="store_true", help="do not update docs/RESULTS.md")
     parser.add_argument("--render", action="store_true", help="only write docs/RESULTS.md from an existing --out")
     parser.add_argument("--resume", action="store_true", help="keep the results in --out; skip what they cover")
+    parser.add_argument("--ppl-runs", default=PPL_RUNS, help=f"perplexities, text:seq_len (default: {PPL_RUNS})")
     args = parser.parse_args()
     if args.render:
         print(update_results_doc(json.loads(Path(args.out).read_text())))
@@ -155,8 +156,9 @@ def main() -> None:
         for name in TASK_ORDER if limit else FULL_ORDER:
             run_task(name, limit)
         if index < 2:  # perplexity: a few windows in the first round, everything in the second
-            for text, seq_len, batch in PPL_RUNS:
-                run_ppl(text, seq_len, batch, QUICK_WINDOWS[seq_len] if index == 0 else None)
+            for text, seq_len in (run.split(":") for run in args.ppl_runs.split(",")):
+                windows = QUICK_WINDOWS[int(seq_len)] if index == 0 else None
+                run_ppl(text, int(seq_len), max(1, 2048 // int(seq_len)), windows)
     record = save()
     print(markdown_table(record) if args.no_doc else update_results_doc(record))
 
