@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
+from .calibration import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
 from .errors import AmpruneError
 from .models import FAMILIES
 from .plan import GQA_MODES
+from .scoring import SCORERS
 
 logger = logging.getLogger("amprune")
 
@@ -24,6 +27,17 @@ def _fraction(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text}") from None
+
+
+def _add_calibration(p) -> None:
+    calib = p.add_argument_group("calibration")
+    calib.add_argument("--calib", default="c4", help="c4 | wiki (packaged text) or a .txt / .jsonl file (default: c4)")
+    calib.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
+                       help=f"number of calibration samples (default: {DEFAULT_SAMPLES})")
+    calib.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN,
+                       help=f"tokens per sample (default: {DEFAULT_SEQ_LEN})")
+    calib.add_argument("--seed", type=int, default=0, help="seed for drawing samples (default: 0)")
+    calib.add_argument("--batch-size", type=int, default=8, help="samples per forward pass (default: 8)")
 
 
 def _add_prune(sub) -> None:
@@ -42,19 +56,28 @@ def _add_prune(sub) -> None:
     )
     budget = p.add_argument_group("how much to prune")
     budget.add_argument("--ratio", type=_fraction, help="fraction of all parameters to remove, in [0, 1) (AMP's c)")
-    budget.add_argument("--head-ratio", type=_fraction, help="fraction of attention heads per layer (instead of --ratio)")
+    budget.add_argument("--head-ratio", type=_fraction,
+                        help="fraction of attention heads per layer (instead of --ratio)")
     budget.add_argument("--mlp-ratio", type=_fraction, help="fraction of MLP neurons per layer (instead of --ratio)")
     budget.add_argument(
         "--gqa-mode", choices=GQA_MODES, default="query",
         help="query: drop the same number of query heads in every KV group (default); "
         "group: drop whole KV groups (smaller KV cache)",
     )
-    calib = p.add_argument_group("calibration")
-    calib.add_argument("--calib", default="c4", help="c4 | wiki (packaged text) or a .txt / .jsonl file (default: c4)")
-    calib.add_argument("--samples", type=int, default=64, help="number of calibration samples (default: 64)")
-    calib.add_argument("--seq-len", type=int, default=512, help="tokens per sample (default: 512)")
-    calib.add_argument("--seed", type=int, default=0, help="seed for drawing samples (default: 0)")
-    calib.add_argument("--batch-size", type=int, default=8, help="samples per forward pass (default: 8)")
+    budget.add_argument(
+        "--round-to", type=int, default=1,
+        help="keep a multiple of N neurons per layer (default 1: AMP's exact rule; 64 gives faster matmul shapes)",
+    )
+    budget.add_argument(
+        "--scorer", choices=SCORERS, default="amp",
+        help="how units are ranked: amp (default) or a baseline (see `amprune compare`)",
+    )
+    budget.add_argument(
+        "--bias-compensation", action="store_true",
+        help="FLAP's bias compensation: the mean of what was removed goes into o_proj/down_proj biases "
+        "(LLaMA only: turns on attention_bias and mlp_bias)",
+    )
+    _add_calibration(p)
     run = p.add_argument_group("runtime")
     run.add_argument("--dtype", help="float32 (default on CPU) | bfloat16 (default on CUDA) | float16")
     run.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
@@ -79,9 +102,11 @@ def _run_prune(args) -> None:
     result = prune(
         PruneRequest(
             out=args.out, model=args.model, ratio=args.ratio, head_ratio=args.head_ratio, mlp_ratio=args.mlp_ratio,
-            gqa_mode=args.gqa_mode, calib=args.calib, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
+            gqa_mode=args.gqa_mode, round_to=args.round_to, calib=args.calib, samples=args.samples,
+            seq_len=args.seq_len, seed=args.seed,
             batch_size=args.batch_size, dtype=args.dtype, device=args.device, overwrite=args.overwrite,
-            verify=not args.no_verify, progress=not args.quiet, reconstruct=args.reconstruct,
+            verify=not args.no_verify, progress=not args.quiet, reconstruct=args.reconstruct, scorer=args.scorer,
+            bias_compensation=args.bias_compensation,
         )
     )
     print(run_summary(result.plan, result.seconds, result.peak_memory_bytes))
@@ -181,6 +206,69 @@ def _run_eval(args) -> None:
     if args.out:
         json_path, md_path = write_results(record, args.out)
         print(f"wrote {json_path} and {md_path}")
+
+
+COMPARE_EXAMPLES = """examples:
+  amprune compare --ratios 0.1,0.3 --scorers amp,random --tasks amp5 --limit 50 --out cmp/
+  amprune compare --model my-llama/ --scorers amp,wanda_sp,flap,magnitude,taylor,random --out cmp/
+"""
+
+
+def _names(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _fractions(text: str) -> list[float]:
+    return [_fraction(item) for item in _names(text)]
+
+
+def _add_compare(sub) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="prune with several scorers at several ratios and evaluate every result side by side",
+        epilog=COMPARE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", help="HF folder, .gguf file or hub id (default: the packaged SmolLM2-135M-Instruct)")
+    p.add_argument("--out", required=True, help="folder for compare.json, compare.md and the plots")
+    p.add_argument(
+        "--scorers", type=_names, default=_names("amp,wanda_sp,flap,magnitude,random"),
+        help=f"comma-separated, from: {', '.join(SCORERS)} (default: amp,wanda_sp,flap,magnitude,random; "
+        "taylor needs a backward pass and gradient memory)",
+    )
+    p.add_argument("--ratios", type=_fractions, default=[0.1, 0.2, 0.3, 0.5],
+                   help="comma-separated fractions of all parameters (default: 0.1,0.2,0.3,0.5)")
+    p.add_argument("--gqa-mode", choices=GQA_MODES, default="query", help="as for `prune` (default: query)")
+    p.add_argument("--reconstruct", action="store_true", help="re-fit o_proj/down_proj in every run, as for `prune`")
+    _add_calibration(p)
+    ev = p.add_argument_group("evaluation")
+    ev.add_argument("--tasks", default="amp5", help="zero-shot tasks or aliases (amp5, all7) or 'none' (default: amp5)")
+    ev.add_argument("--limit", type=int, help="first N documents of every task (default: all)")
+    ev.add_argument("--ppl-source", default="wiki", help="wiki | c4 | a .txt file for perplexity (default: wiki)")
+    ev.add_argument("--ppl-seq-len", type=int, default=512, help="tokens per perplexity window (default: 512)")
+    ev.add_argument("--ppl-windows", type=int, help="at most this many perplexity windows (default: all)")
+    run = p.add_argument_group("runtime")
+    run.add_argument("--dtype", help="float32 (default on CPU) | bfloat16 (default on CUDA) | float16")
+    run.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
+    p.set_defaults(handler=_run_compare)
+
+
+def _run_compare(args) -> None:
+    from .compare import CompareRequest, run_compare
+
+    if args.batch_size <= 0:
+        raise AmpruneError(f"--batch-size must be positive, got {args.batch_size}")
+    request = CompareRequest(
+        out=args.out, model=args.model, scorers=args.scorers, ratios=args.ratios, gqa_mode=args.gqa_mode,
+        calib=args.calib, samples=args.samples, seq_len=args.seq_len, seed=args.seed, batch_size=args.batch_size,
+        tasks=None if args.tasks == "none" else args.tasks, limit=args.limit, ppl_source=args.ppl_source,
+        ppl_seq_len=args.ppl_seq_len, ppl_windows=args.ppl_windows, reconstruct=args.reconstruct, dtype=args.dtype,
+        device=args.device, progress=not args.quiet,
+    )
+    results = run_compare(request)
+    failed = sum("error" in run for run in results["runs"])
+    print((Path(args.out) / "compare.md").read_text())
+    print(f"{len(results['runs']) - failed} of {len(results['runs'])} runs finished; results in {args.out}")
 
 
 BENCH_EXAMPLES = """examples:
@@ -321,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_prune(sub)
     _add_eval(sub)
+    _add_compare(sub)
     _add_bench(sub)
     _add_recover(sub)
     _add_inspect(sub)
@@ -333,6 +422,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level="WARNING" if args.quiet else args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
     )
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         args.handler(args)
     except AmpruneError as err:
