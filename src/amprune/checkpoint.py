@@ -109,6 +109,17 @@ def save_checkpoint(
     return out
 
 
+def save_and_verify(
+    model, tokenizer, plan: Plan | None, family: Family, out: str | Path, overwrite: bool, probe: torch.Tensor | None
+) -> Path:
+    """`save_checkpoint`, then (unless `probe` is None) `verify_reload` on `probe`, logging the difference."""
+    saved = save_checkpoint(model, tokenizer, plan, family, out, overwrite)
+    if probe is not None:
+        diff = verify_reload(model, saved, probe)
+        logger.info("reloaded %s with stock from_pretrained: max logit diff %.2g", saved, diff)
+    return saved
+
+
 @torch.inference_mode()
 def verify_reload(model, out: str | Path, probe: torch.Tensor, atol: float = 1e-4) -> float:
     """Reload `out` with stock transformers and return the max |logit difference| on `probe`.

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .calibration import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, calibration_set, check_scorers, score_units
-from .checkpoint import check_output_dir, save_checkpoint, saved_model_type, verify_reload
+from .checkpoint import check_output_dir, save_and_verify, saved_model_type
 from .compensation import add_zero_biases, biased_config, compensate
 from .errors import AmpruneError
 from .models import Dims, Family, get_family
@@ -211,10 +211,9 @@ def prune(request: PruneRequest) -> PruneResult:
     out = None
     if request.out is not None:
         tick = time.perf_counter()
-        out = save_checkpoint(model, tokenizer, plan, family, request.out, request.overwrite)
-        if request.verify:
-            diff = verify_reload(model, out, probe)
-            logger.info("reloaded %s with stock from_pretrained: max logit diff %.2g", out, diff)
+        out = save_and_verify(
+            model, tokenizer, plan, family, request.out, request.overwrite, probe if request.verify else None
+        )
         seconds["save"] = time.perf_counter() - tick
     seconds["total"] = time.perf_counter() - started
     logger.debug("plan settings: %s", asdict(budget))

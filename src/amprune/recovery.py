@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import check_output_dir, save_checkpoint, verify_reload
+from .checkpoint import check_output_dir, save_and_verify
 from .errors import AmpruneError
 from .models import Family, get_family
 from .models.loading import load_config, load_model, load_tokenizer, resolve_device_dtype, resolve_model
@@ -202,10 +202,9 @@ def recover(request: RecoverRequest) -> RecoverResult:
     out = None
     if request.out is not None:
         tick = time.perf_counter()
-        out = save_checkpoint(model, tokenizer, plan, family, request.out, request.overwrite)
-        if request.verify:
-            diff = verify_reload(model, out, probe)
-            logger.info("reloaded %s with stock from_pretrained: max logit diff %.2g", out, diff)
+        out = save_and_verify(
+            model, tokenizer, plan, family, request.out, request.overwrite, probe if request.verify else None
+        )
         seconds["save"] = time.perf_counter() - tick
     seconds["total"] = time.perf_counter() - started
     return RecoverResult(model, tokenizer, plan, out, losses, seconds, peak_memory_bytes())
