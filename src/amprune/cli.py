@@ -15,6 +15,10 @@ from .scoring import SCORERS
 
 logger = logging.getLogger("amprune")
 
+MODEL_HELP = (
+    "HF folder, .gguf file, hub id, or gemma3-270m (the packaged Gemma-3-270M); "
+    "default: the packaged SmolLM2-135M-Instruct"
+)
 PRUNE_EXAMPLES = """examples:
   amprune prune --ratio 0.3 --out pruned/                       # packaged SmolLM2-135M, 30 % of parameters
   amprune prune --model my-llama/ --ratio 0.2 --gqa-mode group --out pruned/
@@ -47,7 +51,7 @@ def _add_prune(sub) -> None:
         epilog=PRUNE_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", help="HF folder, .gguf file or hub id (default: the packaged SmolLM2-135M-Instruct)")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--out", required=True, help="output folder for the pruned checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument(
@@ -162,7 +166,7 @@ def _add_eval(sub) -> None:
         epilog=EVAL_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", help="HF folder, .gguf file or hub id (default: the packaged SmolLM2-135M-Instruct)")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument(
         "--tasks",
         help=f"comma-separated: {', '.join(TASKS)}, or the aliases {', '.join(ALIASES)} "
@@ -229,7 +233,7 @@ def _add_compare(sub) -> None:
         epilog=COMPARE_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", help="HF folder, .gguf file or hub id (default: the packaged SmolLM2-135M-Instruct)")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--out", required=True, help="folder for compare.json, compare.md and the plots")
     p.add_argument(
         "--scorers", type=_names, default=_names("amp,wanda_sp,flap,magnitude,random"),
