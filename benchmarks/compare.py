@@ -54,7 +54,10 @@ def merge(folders: list[str], out: str) -> None:
         same = ("model", "calib", "samples", "seq_len", "seed", "ppl_source", "ppl_seq_len", "ppl_windows", "tasks")
         if any(part["settings"][key] != parts[0]["settings"][key] for key in same):
             raise SystemExit(f"cannot merge: settings differ between {folders[0]} and another folder")
-    merged = {**parts[0], "runs": [run for part in parts for run in part["runs"]], "merged_from": folders}
+    runs: dict[tuple, dict] = {}
+    for run in (run for part in parts for run in part["runs"]):
+        runs.setdefault((run["scorer"], run["ratio"]), run)  # a run present twice: the first folder's
+    merged = {**parts[0], "runs": list(runs.values()), "merged_from": folders}
     Path(out).mkdir(parents=True, exist_ok=True)
     write_outputs(merged, Path(out))
     (Path(out) / "perplexity_by_ratio.md").write_text(pivot(merged) + "\n")
