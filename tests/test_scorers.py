@@ -158,6 +158,10 @@ def test_activation_scorers_match_brute_force(calib_text):
     torch.testing.assert_close(scores["wanda_sp"][1][1], wanda_neurons, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(scores["flap"][0][1], flap_heads, rtol=1e-3, atol=1e-6)
     torch.testing.assert_close(scores["flap"][1][1], flap_neurons, rtol=1e-3, atol=1e-6)
+    # The means that bias compensation uses come from the same pass.
+    torch.testing.assert_close(stats.o_moments.mean_and_square(1)[0].double(), o_in.mean(0), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(stats.down_moments.mean_and_square(1)[0].double(), down_in.mean(0), rtol=1e-4,
+                               atol=1e-6)
 
 
 def test_taylor_matches_autograd(calib_text):
