@@ -7,8 +7,9 @@ task on its first 25 documents and every perplexity on a few windows, then 100 d
 perplexities, then every task in full; each result replaces the smaller one. Log-likelihoods are cached
 (lm-eval's `use_cache`, keyed by request text), so a larger round or a restarted run never recomputes a
 request. benchmarks/results/dense_baseline.{json,md} are rewritten after every step; the table's
-"documents" and "windows" columns say what each row covers. At the end (or with `--render` after a
-stopped run) the table replaces the body of the evaluation section of docs/RESULTS.md.
+"documents" and "windows" columns say what each row covers; `--resume` continues a stopped run. At the
+end (or with `--render` after a stopped run) the table replaces the body of the evaluation section of
+docs/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -58,6 +59,10 @@ comparable with published WikiText-2 perplexities. The model is SmolLM2-135M-**I
 quantization, not the base SmolLM2-135M of the model card, so its accuracies differ from the card's."""
 
 
+def full_windows(tokenizer, text: str, seq_len: int) -> int:
+    return len(tokenizer(packaged_text(text, "evaluation"), add_special_tokens=False)["input_ids"]) // seq_len
+
+
 def coverage(record: dict) -> str:
     """Which rows are not complete: tasks on their first documents, perplexities on their first windows."""
     tokenizer = load_tokenizer(resolve_model(None))
@@ -67,9 +72,9 @@ def coverage(record: dict) -> str:
         if t["n"] < t["size"]
     ]
     for p in record["perplexity"]:
-        full = len(tokenizer(packaged_text(p["source"], "evaluation"), add_special_tokens=False)["input_ids"])
-        if p["windows"] < full // p["seq_len"]:
-            parts.append(f"perplexity {p['source']} {p['seq_len']} ({p['windows']} of {full // p['seq_len']} windows)")
+        full = full_windows(tokenizer, p["source"], p["seq_len"])
+        if p["windows"] < full:
+            parts.append(f"perplexity {p['source']} {p['seq_len']} ({p['windows']} of {full} windows)")
     if not parts:
         return "Every task and every perplexity ran in full."
     return "**Not in full** (the run was stopped at the session's deadline): " + "; ".join(parts) + "."
@@ -79,7 +84,8 @@ def update_results_doc(record: dict) -> str:
     """Replace the body of our section of docs/RESULTS.md (up to the next `## ` heading) with the table."""
     settings = record["settings"]
     body = (
-        f"Command: `{settings['command']}` · machine: {settings['machine']} · dtype {settings['dtype']} · "
+        "Commands, in order (each `--resume` continues the stopped run before it): "
+        f"`{settings['command']}` · machine: {settings['machine']} · dtype {settings['dtype']} · "
         f"{record['date'][:10]} · wall time {sum(settings['seconds'].values()) / 60:.0f} min · "
         f"JSON: `benchmarks/results/dense_baseline.json`\n\n{PROTOCOL}\n\n{coverage(record)}\n\n"
         + markdown_table(record)
@@ -117,7 +123,7 @@ def main() -> None:
     ppl: dict[tuple[str, int], dict] = {}
     if args.resume and Path(args.out).is_file():
         previous = json.loads(Path(args.out).read_text())
-        settings["command"] = f"{previous['settings']['command']}, then `{command}`"
+        settings["command"] = f"{previous['settings']['command']} ; {command}"
         settings["seconds"] = previous["settings"]["seconds"]
         per_task.update(previous["zero_shot"]["tasks"] if previous["zero_shot"] else {})
         ppl.update({(p["source"], p["seq_len"]): p for p in previous["perplexity"]})
@@ -142,7 +148,7 @@ def main() -> None:
 
     def run_ppl(text: str, seq_len: int, batch: int, windows: int | None) -> None:
         done = ppl.get((text, seq_len))
-        if done and windows is not None and done["windows"] >= windows:
+        if done and done["windows"] >= (windows or full_windows(tokenizer, text, seq_len)):
             return
         tick = time.perf_counter()
         result = perplexity(model, tokenizer, text, seq_len, max_windows=windows, batch_size=batch)
