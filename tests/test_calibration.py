@@ -116,7 +116,7 @@ def test_bad_calibration_sources(calib_text, tmp_path):
     tok = char_tokenizer()
     with pytest.raises(AmpruneError, match=r"too short for --samples 1000 × --seq-len 64 = 64000"):
         calibration_set(calib_text, tok, num_samples=1000, seq_len=64, seed=0)
-    with pytest.raises(AmpruneError, match="calibration source 'nope.txt' is neither a packaged text"):
+    with pytest.raises(AmpruneError, match=r"calibration source 'nope\.txt' is neither a packaged text"):
         calibration_set("nope.txt", tok, num_samples=1, seq_len=8, seed=0)
     with pytest.raises(AmpruneError, match="--samples and --seq-len must be positive"):
         calibration_set(calib_text, tok, num_samples=0, seq_len=8, seed=0)
