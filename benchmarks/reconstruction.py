@@ -83,7 +83,7 @@ def table(results: dict) -> str:
 
     dense = results["models"]["dense"]
     lines = ["| ratio | model | wiki ppl | × dense | C4 ppl | × dense | amp5 avg |", "|---|---|---|---|---|---|---|"]
-    for entry in results["models"].values():
+    for entry in sorted(results["models"].values(), key=lambda e: (e.get("ratio", 0.0), e.get("variant", ""))):
         ratio = entry.get("ratio", 0.0)
         lines.append(
             f"| {ratio:.0%} | {entry.get('variant', 'dense')} | {cell(entry, 'ppl_wiki')} | "
@@ -92,7 +92,7 @@ def table(results: dict) -> str:
         )
     lines += ["", "| ratio | calibrate (s) | reconstruct (s) | reconstruct / calibrate | prune process peak RSS (GiB) "
               "| recover (s) | recover peak RSS (GiB) |", "|---|---|---|---|---|---|---|"]
-    for ratio, steps in results["steps"].items():
+    for ratio, steps in sorted(results["steps"].items()):
         prune, recover = steps["amp+rec"], steps.get("amp+rec+lora")
         calibrate, reconstruct = prune["steps_s"]["calibrate"], prune["steps_s"]["reconstruct"]
         lora = (f"{recover['steps_s']['recover']:.0f} | {recover['peak_rss_bytes'] / 2**30:.2f}" if recover
@@ -112,7 +112,8 @@ def plot(results: dict, path: Path) -> None:
 
     models = results["models"]
     metrics = (("ppl_wiki", "Wikipedia perplexity"), ("ppl_c4", "C4 perplexity"), ("amp5", "amp5 zero-shot average"))
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    metrics = tuple(m for m in metrics if any(m[0] in e for e in models.values()))  # only measured ones
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.7 * len(metrics), 4))
     for ax, (metric, label) in zip(axes, metrics, strict=True):
         for variant in VARIANTS:
             points = sorted(
