@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 from .calibration import CalibrationSet, batches
 from .models.base import Family
 from .plan import Plan
-from .surgery import _rows, prune_layer, update_config
+from .surgery import prune_layer, unit_rows, update_config
 
 logger = logging.getLogger(__name__)
 
@@ -306,7 +306,7 @@ def reconstruct(
         attention, mlp = family.attention_block(layer), family.mlp_block(layer)
         o_proj, down_proj = family.o_proj(layer), family.down_proj(layer)
         # 1. attention: dense heads on the pruned stream; o_proj re-fitted on the kept heads
-        gram, inputs, outputs = _run_block(layer, attention, o_proj, _rows(keep.heads_kept, d), runs)
+        gram, inputs, outputs = _run_block(layer, attention, o_proj, unit_rows(keep.heads_kept, d), runs)
         attention_out, attention_error = _refit_block(o_proj, gram, inputs, outputs, masks, damping,
                                                       f"layer {index} {family.o}")
         # 2. MLP: its input comes from the re-fitted attention (replayed, not recomputed)

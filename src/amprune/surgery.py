@@ -19,7 +19,7 @@ _ATTENTION_ATTRS = ("num_heads", "num_attention_heads", "num_key_value_heads", "
 _MLP_ATTRS = ("intermediate_size",)
 
 
-def _rows(units: list[int], size: int, offset: int = 0) -> list[int]:
+def unit_rows(units: list[int], size: int, offset: int = 0) -> list[int]:
     """Row indices of whole units of `size` rows each, starting at `offset`."""
     return [offset + u * size + j for u in units for j in range(size)]
 
@@ -74,8 +74,8 @@ def prune_layer(family: Family, layer: nn.Module, dims: Dims, keep: LayerPlan) -
     """Slice one decoder layer down to the units in `keep`."""
     attn, mlp = family.attention_block(layer), family.mlp_block(layer)
     d, inter = dims.head_dim, dims.intermediate_size
-    q_rows = _rows(keep.heads_kept, d)
-    kv_rows = _rows(keep.kv_heads_kept, d)
+    q_rows = unit_rows(keep.heads_kept, d)
+    kv_rows = unit_rows(keep.kv_heads_kept, d)
     if family.qkv:  # fused rows: [q (H·d) | k (G·d) | v (G·d)]
         q_size, kv_size = dims.num_heads * d, dims.num_kv_heads * d
         fused = q_rows + [q_size + r for r in kv_rows] + [q_size + kv_size + r for r in kv_rows]
@@ -122,6 +122,6 @@ def mask_plan(model: nn.Module, family: Family, plan: Plan) -> None:
     d = plan.dims.head_dim
     for layer, keep in zip(family.decoder_layers(model), plan.layers, strict=True):
         dropped_heads = sorted(set(range(plan.dims.num_heads)) - set(keep.heads_kept))
-        family.o_proj(layer).weight[:, _rows(dropped_heads, d)] = 0
+        family.o_proj(layer).weight[:, unit_rows(dropped_heads, d)] = 0
         dropped_neurons = sorted(set(range(plan.dims.intermediate_size)) - set(keep.neurons_kept))
         family.down_proj(layer).weight[:, dropped_neurons] = 0
