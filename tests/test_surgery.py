@@ -69,9 +69,8 @@ def test_sliced_logits_equal_masked_logits(case, plan_index):
     assert (original - want).abs().max() > 1e-3  # the plan really changed the model
 
 
-@pytest.mark.parametrize("case, plan_index", CASES)
-def test_shapes_config_and_parameter_count_after_surgery(case, plan_index):
-    dense, _, sliced, plan, family = sliced_and_masked(case, plan_index)
+def assert_params_removed(dense, sliced, plan: Plan, family) -> None:
+    """The sliced model lost exactly the parameters of the dropped units, counted per unit."""
     dims, after = plan.dims, plan.dims_after
     units = unit_params(family, family.decoder_layers(dense)[0], dims)
     removed = dims.num_layers * (
@@ -80,6 +79,13 @@ def test_shapes_config_and_parameter_count_after_surgery(case, plan_index):
         + (dims.intermediate_size - after.intermediate_size) * units.neuron
     )
     assert sum(p.numel() for p in sliced.parameters()) == sum(p.numel() for p in dense.parameters()) - removed
+
+
+@pytest.mark.parametrize("case, plan_index", CASES)
+def test_shapes_config_and_parameter_count_after_surgery(case, plan_index):
+    dense, _, sliced, plan, family = sliced_and_masked(case, plan_index)
+    assert_params_removed(dense, sliced, plan, family)
+    dims, after = plan.dims, plan.dims_after
     cfg = sliced.config
     assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size) == (
         after.num_heads, after.num_kv_heads, dims.head_dim, after.intermediate_size)

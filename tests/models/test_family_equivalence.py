@@ -8,12 +8,13 @@ import pytest
 import torch
 from conftest import char_tokenizer, max_diff
 from family_cases import CASES, brute_force_scores, family_and_dims, family_model, plans
+from test_surgery import assert_params_removed
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from amprune.calibration import CalibrationSet, collect_amp_stats
 from amprune.checkpoint import save_checkpoint
 from amprune.plan import Plan
-from amprune.surgery import apply_plan, mask_plan, unit_params
+from amprune.surgery import apply_plan, mask_plan
 
 PLAN_CASES = [(case, i) for case in sorted(CASES) for i in range(len(plans(family_and_dims(family_model(case))[1])))]
 
@@ -43,14 +44,8 @@ def test_sliced_logits_equal_masked_logits(case, plan_index):
 @pytest.mark.parametrize("case, plan_index", PLAN_CASES)
 def test_parameter_count_and_config_after_surgery(case, plan_index):
     dense, _, sliced, plan, family = sliced_and_masked(case, plan_index)
+    assert_params_removed(dense, sliced, plan, family)
     dims, after = plan.dims, plan.dims_after
-    units = unit_params(family, family.decoder_layers(dense)[0], dims)
-    removed = dims.num_layers * (
-        (dims.num_heads - after.num_heads) * units.head
-        + (dims.num_kv_heads - after.num_kv_heads) * units.kv_head
-        + (dims.intermediate_size - after.intermediate_size) * units.neuron
-    )
-    assert sum(p.numel() for p in sliced.parameters()) == sum(p.numel() for p in dense.parameters()) - removed
     cfg = family.sizes_config(sliced.config)
     assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size) == (
         after.num_heads, after.num_kv_heads, dims.head_dim, after.intermediate_size)
