@@ -142,6 +142,12 @@ class Moments:
         return (self.sums[layer] / count).float().cpu(), (self.squares[layer] / count).float().cpu()
 
 
+def real_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, T, C) → (N, C): the rows of real tokens only (all rows if `mask` is None); padding never counts."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if mask is None else rows[mask.reshape(-1).bool().to(x.device)]
+
+
 class AmpStats:
     """Running sums of per-sample AMP scores for every layer, fed by forward pre-hooks.
 
@@ -169,10 +175,6 @@ class AmpStats:
         weights = self.mask.to(values.dtype).unsqueeze(-1)  # (B, T, 1): 1 for real tokens, 0 for padding
         return values.mul_(weights).sum(dim=1) / weights.sum(dim=1)
 
-    def _real_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        # (B, T, C) → (N, C): the rows of real tokens only
-        return x.reshape(-1, x.shape[-1]) if self.mask is None else x[self.mask.bool()]
-
     def record_heads(self, layer: int, o_input: torch.Tensor, o_weight: torch.Tensor) -> None:
         # The whole batch at once (padding included, then excluded from the means): one large matmul
         # per layer instead of one per sample.
@@ -180,13 +182,13 @@ class AmpStats:
         norms = head_contribution_norms(o_input.reshape(batch * tokens, -1), o_weight, self.dims.num_heads)
         self.head_sums[layer] += self._sample_means(norms.view(batch, tokens, -1)).sum(dim=0).double()
         if self.o_moments is not None:
-            self.o_moments.add(layer, self._real_tokens(o_input))
+            self.o_moments.add(layer, real_tokens(o_input, self.mask))
 
     def record_neurons(self, layer: int, down_input: torch.Tensor) -> None:
         # Eq. 9: |act(x W_gate) · (x W_up)| is exactly |input of down_proj| (|act(x W_fc1)| for a plain MLP)
         self.neuron_sums[layer] += self._sample_means(down_input.float().abs()).sum(dim=0).double()
         if self.down_moments is not None:
-            self.down_moments.add(layer, self._real_tokens(down_input))
+            self.down_moments.add(layer, real_tokens(down_input, self.mask))
 
     def scores(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(L, H) head scores and (L, I) neuron scores, averaged over samples, on the CPU."""

@@ -51,7 +51,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import CalibrationSet, batches
+from .calibration import CalibrationSet, batches, real_tokens
 from .models.base import Family
 from .plan import Plan
 from .surgery import prune_layer, unit_rows, update_config
@@ -177,11 +177,6 @@ def capture_layer_inputs(model: nn.Module, family: Family, todo: list) -> list[l
     return calls
 
 
-def _real_rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, T, n) → (real tokens, n); padding never counts."""
-    return x.reshape(-1, x.shape[-1])[mask.reshape(-1).bool().to(x.device)]
-
-
 def _first(output):
     """A block's or layer's output tensor: the output itself or the first item of a tuple."""
     return output[0] if isinstance(output, tuple) else output
@@ -217,7 +212,7 @@ def _run_block(layer: nn.Module, block: nn.Module, proj: nn.Linear, kept: list[i
     inputs, outputs, current = [], [], {}
 
     def before_proj(module, args):
-        gram.add(_real_rows(args[0], current["mask"]))
+        gram.add(real_tokens(args[0], current["mask"]))
         inputs.append(args[0])
 
     def after_proj(module, args, output):
@@ -271,7 +266,7 @@ def _refit_block(proj: nn.Linear, gram: Gram, inputs: list, outputs: list, masks
         dense, new = _first(output), proj(x)
         surgery_error = x.index_select(-1, removed) @ dropped.T
         for i, part in enumerate((dense, surgery_error, new - dense)):
-            sums[i] += _real_rows(part, mask).double().pow(2).sum().cpu()
+            sums[i] += real_tokens(part, mask).double().pow(2).sum().cpu()
         new_outputs.append((new, *output[1:]) if isinstance(output, tuple) else new)
     energy = sums[0].clamp_min(1e-300)
     return new_outputs, {"surgery": (sums[1] / energy).item(), "refit": (sums[2] / energy).item()}
