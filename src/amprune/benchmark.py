@@ -239,7 +239,8 @@ def bench(request: BenchRequest) -> dict:
     request.validate()
     if request.png:
         _require_matplotlib()
-    sources = [resolve_model(request.baseline)] + [resolve_model(m) for m in request.models]
+    models = [resolve_model(m) for m in request.models]  # first: the default baseline may need converting
+    sources = [resolve_model(request.baseline), *models]
     families = [get_family(load_config(source).model_type) for source in sources]  # fail before loading
     device, dtype = resolve_device_dtype(request.device, request.dtype)
     tokenizer = load_tokenizer(sources[0])
