@@ -15,14 +15,15 @@ from amprune.calibration import CalibrationSet
 from amprune.models import Dims, UnsupportedModelError, get_family
 from amprune.pipeline import PruneRequest, prune
 from amprune.plan import LayerPlan, Plan, make_budget
-from amprune.reconstruct import Gram, IllConditionedError, reconstruct, refit
+from amprune.reconstruct import IllConditionedError, NormalEquations, reconstruct, refit
 from amprune.surgery import apply_plan, unit_params
 
 
-def _gram(x: torch.Tensor, kept: list[int]) -> Gram:
-    gram = Gram.zeros(kept, x.shape[1])
-    gram.add(x)
-    return gram
+def _equations(x: torch.Tensor, kept: list[int], weight: torch.Tensor, bias: torch.Tensor | None) -> NormalEquations:
+    """The statistics of re-fitting the kept columns of the layer (weight, bias) to its own outputs on x."""
+    eqs = NormalEquations.zeros(kept, weight.shape[0])
+    eqs.add(x, x @ weight.T + (0 if bias is None else bias))
+    return eqs
 
 
 def _plan(model, heads_kept: list[int], neurons_kept: list[int], head_ratio: float, mlp_ratio: float) -> Plan:
@@ -51,7 +52,7 @@ def test_refit_is_the_damped_least_squares_solution(with_bias):
     x = torch.randn(300, 12) @ torch.randn(12, 12) + 0.5  # correlated channels with a mean
     weight, bias = torch.randn(5, 12), (torch.randn(5) if with_bias else None)
     kept = [0, 2, 3, 5, 7, 8, 11]
-    gram = _gram(x, kept)
+    gram = _equations(x, kept, weight, bias)
     target = x.double() @ weight.double().T + (0 if bias is None else bias.double())
     inputs = x.double()[:, kept]
     if with_bias:
@@ -63,7 +64,7 @@ def test_refit_is_the_damped_least_squares_solution(with_bias):
     if with_bias:
         assert torch.allclose(new_bias.double(), expected[:, -1], atol=1e-4)
     # Damped: the ridge solution pulled towards the plain-surgery weights, from its normal equations.
-    lam = 0.3 * gram.xtx[:, kept].diagonal().mean()
+    lam = 0.3 * gram.xtx.diagonal().mean()
     start = torch.cat([weight[:, kept], bias[:, None]], 1).double() if with_bias else weight[:, kept].double()
     eye = torch.eye(inputs.shape[1], dtype=torch.float64)
     ridge = torch.linalg.solve(inputs.T @ inputs + lam * eye, inputs.T @ target + lam * start.T).T
@@ -78,7 +79,7 @@ def test_refit_error_never_exceeds_plain_surgery(damping, with_bias):
     x = torch.randn(200, 10) @ torch.randn(10, 10)
     weight, bias = torch.randn(4, 10), (torch.randn(4) if with_bias else None)
     kept = [1, 2, 4, 6, 9]
-    gram = _gram(x, kept)
+    gram = _equations(x, kept, weight, bias)
     new_weight, new_bias = refit(weight, bias, gram, damping)
 
     def brute(w_k, b):
@@ -87,6 +88,8 @@ def test_refit_error_never_exceeds_plain_surgery(damping, with_bias):
         return ((out - target).pow(2).sum() / target.pow(2).sum()).item()
 
     surgery, refitted = brute(weight[:, kept], bias), brute(new_weight, new_bias)
+    assert gram.relative_error(weight[:, kept], bias) == pytest.approx(surgery, rel=1e-4)
+    assert gram.relative_error(new_weight, new_bias) == pytest.approx(refitted, rel=1e-4, abs=1e-9)
     assert refitted <= surgery
     assert refitted < 0.9 * surgery  # correlated channels: the re-fit recovers a good part
 
@@ -96,10 +99,10 @@ def test_refit_refuses_singular_and_zero_systems():
     x = torch.randn(50, 4)
     x[:, 1] = x[:, 0]  # two identical kept channels: singular without damping
     with pytest.raises(IllConditionedError, match=r"singular|ill-conditioned"):
-        refit(weight, None, _gram(x, [0, 1, 2]), damping=0.0)
+        refit(weight, None, _equations(x, [0, 1, 2], weight, None), damping=0.0)
     x[:, :3] = 0  # the kept channels never fire
     with pytest.raises(IllConditionedError, match="all zero"):
-        refit(weight, None, _gram(x, [0, 1, 2]))
+        refit(weight, None, _equations(x, [0, 1, 2], weight, None))
 
 
 def test_nothing_pruned_returns_the_original_weights():
@@ -271,3 +274,4 @@ def test_last_layer_error_matches_the_dense_layer_run_on_the_pruned_stream(case)
     for hook in hooks:
         hook.remove()
     assert report["relative_calibration_error"][-1][family.o]["refit"] == pytest.approx(error / energy, rel=1e-3)
+

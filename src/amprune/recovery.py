@@ -37,7 +37,7 @@ class RecoverRequest:
 
     model: str  # a folder written by `amprune prune` (or any supported checkpoint, with a warning)
     out: str | None  # None: recover in memory only
-    text: str = "c4"  # a packaged text; its calibration half is used
+    text: str = "c4"  # packaged text(s), comma-separated; their calibration halves are used
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.05
@@ -73,12 +73,21 @@ def target_modules(family: Family) -> list[str]:
 
 
 def training_windows(tokenizer, text: str, seq_len: int) -> torch.Tensor:
-    """(windows, seq_len) non-overlapping token windows of the calibration half of a packaged text."""
-    if text not in PACKAGED_TEXTS:
-        raise AmpruneError(f"unknown recovery text '{text}'; choose one of: {', '.join(PACKAGED_TEXTS)}")
-    ids = torch.tensor(tokenizer(packaged_text(text, part="calibration"), add_special_tokens=False)["input_ids"])
-    count = len(ids) // seq_len
-    return ids[: count * seq_len].view(count, seq_len)
+    """(windows, seq_len) non-overlapping token windows of the calibration halves of packaged texts.
+
+    `text` names one packaged text or several, comma-separated ("c4,wiki"): the windows of each, in turn.
+    """
+    names = text.split(",")
+    unknown = [name for name in names if name not in PACKAGED_TEXTS]
+    if unknown:
+        raise AmpruneError(f"unknown recovery text '{unknown[0]}'; choose from: {', '.join(PACKAGED_TEXTS)} "
+                           "(or several, comma-separated)")
+    windows = []
+    for name in names:
+        ids = torch.tensor(tokenizer(packaged_text(name, part="calibration"), add_special_tokens=False)["input_ids"])
+        count = len(ids) // seq_len
+        windows.append(ids[: count * seq_len].view(count, seq_len))
+    return torch.cat(windows)
 
 
 def count_steps(windows: int, request: RecoverRequest) -> int:
