@@ -77,7 +77,9 @@ def coverage(record: dict) -> str:
             parts.append(f"perplexity {p['source']} {p['seq_len']} ({p['windows']} of {full} windows)")
     if not parts:
         return "Every task and every perplexity ran in full."
-    return "**Not in full** (the run was stopped at the session's deadline): " + "; ".join(parts) + "."
+    return ("**Not in full** (the run was stopped at the session's deadline): " + "; ".join(parts) + ". The "
+            "averages include those rows as they are. `python benchmarks/dense_baseline.py --resume --rounds full` "
+            "completes them; the log-likelihoods already computed are cached under `~/.cache/amprune/lm_eval/`.")
 
 
 def update_results_doc(record: dict) -> str:
