@@ -63,8 +63,10 @@ def run_step(args: list[str]) -> dict:
     }
 
 
-def past(deadline: str) -> bool:
-    """Whether the UTC clock has passed `deadline` (HH:MM, today)."""
+def past(deadline: str | None) -> bool:
+    """Whether the UTC clock has passed `deadline` (HH:MM, today; None: never)."""
+    if deadline is None:
+        return False
     now = datetime.now(timezone.utc)
     return now >= datetime.combine(now.date(), datetime.strptime(deadline, "%H:%M").time(), tzinfo=timezone.utc)
 
@@ -185,15 +187,17 @@ def report(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ratios", default="0.3,0.5,0.2,0.1", help="pruning ratios, in this order")
-    parser.add_argument("--samples", type=int, default=16, help="calibration samples of 512 tokens (default: 16)")
-    parser.add_argument("--max-steps", type=int, default=20,
-                        help="LoRA recovery steps of 512 tokens; 0: no recovery (default: 20)")
+    parser.add_argument("--samples", type=int, default=48, help="calibration samples of 512 tokens (default: 48)")
+    parser.add_argument("--max-steps", type=int,
+                        help="LoRA recovery steps of 512 tokens; 0: no recovery (default: the full --epochs)")
+    parser.add_argument("--epochs", type=int, default=2, help="LoRA recovery epochs (default: 2, the paper's)")
+    parser.add_argument("--recover-text", default="c4", help="recovery text(s), `amprune recover --text` (default: c4)")
     parser.add_argument("--no-dense", action="store_true", help="build: skip the dense model (another build has it)")
     parser.add_argument("--ppl-windows", type=int, default=8, help="perplexity windows per text (default: 8)")
     parser.add_argument("--ppl-seq-len", type=int, default=512, help="perplexity window length (default: 512)")
     parser.add_argument("--limit", type=int, default=50, help="zero-shot documents per task (default: 50)")
-    parser.add_argument("--ratio-deadline", default="18:00", help="UTC time after which no new ratio starts")
-    parser.add_argument("--deadline", default="18:35", help="UTC time after which no zero-shot run starts")
+    parser.add_argument("--ratio-deadline", help="UTC time (HH:MM) after which no new ratio starts")
+    parser.add_argument("--deadline", help="UTC time (HH:MM) after which no zero-shot run starts")
     parser.add_argument("--work", default="/tmp/amprune-reconstruction", help="folder for the checkpoints")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "reconstruction.json"))
     parser.add_argument("--zero-shot-out", default=str(ROOT / "benchmarks" / "results" / "reconstruction_amp5.json"))
@@ -242,10 +246,12 @@ def main() -> None:
         steps = results["steps"][str(ratio)] = {}
         steps["amp+rec"] = run_step(["prune", "--ratio", str(ratio), "--samples", str(args.samples), "--reconstruct",
                                      "--out", rec, "--overwrite"])
-        if args.max_steps > 0:
-            steps["amp+rec+lora"] = run_step(["recover", "--model", rec, "--out", lora, "--max-steps",
-                                              str(args.max_steps), "--overwrite"])
-        for variant in VARIANTS[: 3 if args.max_steps > 0 else 2]:
+        recovering = args.max_steps != 0
+        if recovering:
+            bound = [] if args.max_steps is None else ["--max-steps", str(args.max_steps)]
+            steps["amp+rec+lora"] = run_step(["recover", "--model", rec, "--out", lora, "--epochs", str(args.epochs),
+                                              "--text", args.recover_text, *bound, "--overwrite"])
+        for variant in VARIANTS[: 3 if recovering else 2]:
             results["models"][f"{variant}@{ratio}"] = {"ratio": ratio, "variant": variant}
             measure_ppl(f"{variant}@{ratio}")
 
