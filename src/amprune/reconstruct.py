@@ -20,9 +20,9 @@ in the dense layer, so T is the block's own dense output on this stream: no seco
 and with nothing removed the weights stay exactly as they are. Upstream errors are accounted for:
 every layer is fitted on the inputs the pruned layers before it produce (as GPTQ does), so they do not
 compound. Targeting the dense *model's* block outputs instead (on its own stream, to also cancel the
-drift earlier layers left) needs a second stream and a second dense forward per layer, and was tried:
-on SmolLM2 at 30 % its Wikipedia perplexity was 2.6–3.1× this target's (48 and 16 calibration
-samples); a linear fit cannot map drifted inputs to the dense outputs, and overfits the tokens trying.
+drift earlier layers left) needs a second stream and a second dense forward per layer; a one-off
+trial on SmolLM2 at 30 % gave clearly worse perplexity (not a benchmark: see the issue notes), as a
+linear fit cannot map drifted inputs to the dense outputs and overfits the calibration tokens trying.
 
 **Sequential mode.** Layer inputs and every layer's call arguments (masks, position embeddings, …)
 are captured once by running the embedding with recorders in place of the decoder layers. Then, per
@@ -44,6 +44,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -88,7 +89,7 @@ class NormalEquations:
     @classmethod
     def zeros(cls, kept: list[int], out_features: int, device: torch.device | str = "cpu") -> NormalEquations:
         k = len(kept)
-        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
+        zeros = partial(torch.zeros, dtype=torch.float64, device=device)
         return cls(list(kept), zeros(k, k), zeros(k, out_features), zeros(k), zeros(out_features))
 
     def add(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
