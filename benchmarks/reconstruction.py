@@ -2,8 +2,9 @@
 
     nohup nice -n 5 .venv/bin/python benchmarks/reconstruction.py > /tmp/reconstruction.log 2>&1 &
 
-For every ratio (in the order given): `amprune prune --reconstruct` and `amprune recover` run as child
-processes, so each one's wall time, per-step times (from its summary) and peak memory (the child's peak
+For every ratio (in the order given): `amprune prune --reconstruct` and `amprune recover` (and with
+`--distill` also `amprune recover --distill`, the same recovery learning the dense model's predictions)
+run as child processes, so each one's wall time, per-step times (from its summary) and peak memory (the child's peak
 RSS) are its own. Plain AMP is the same plan applied without reconstruction (`surgery.apply_plan` on
 the dense model, in this process): the units AMP removes do not depend on reconstruction. Then the
 perplexities of the dense model and the three variants are measured on the evaluation halves of the
@@ -36,7 +37,8 @@ from amprune.plan import Plan
 from amprune.surgery import apply_plan
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = ("amp", "amp+rec", "amp+rec+lora")
+RECOVERIES = {"amp+rec+lora": ("lora", []), "amp+rec+distill": ("distill", ["--distill"])}  # variant: folder, flags
+VARIANTS = ("amp", "amp+rec", *RECOVERIES)
 
 
 def machine() -> str:
@@ -93,15 +95,18 @@ def table(results: dict) -> str:
             f"{entry['ppl_c4'] / dense['ppl_c4']:.2f} | {cell(entry, 'amp5', 3)} |"
         )
     lines += ["", "| ratio | calibrate (s) | reconstruct (s) | reconstruct / calibrate | prune process peak RSS (GiB) "
-              "| recover (s) | recover peak RSS (GiB) |", "|---|---|---|---|---|---|---|"]
+              "| recover (s) | recover peak RSS (GiB) | distill (s) | distill peak RSS (GiB) |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for ratio, steps in sorted(results["steps"].items()):
-        prune, recover = steps["amp+rec"], steps.get("amp+rec+lora")
+        prune = steps["amp+rec"]
         calibrate, reconstruct = prune["steps_s"]["calibrate"], prune["steps_s"]["reconstruct"]
-        lora = (f"{recover['steps_s']['recover']:.0f} | {recover['peak_rss_bytes'] / 2**30:.2f}" if recover
-                else "— | —")
+        recoveries = " | ".join(
+            f"{steps[v]['steps_s']['recover']:.0f} | {steps[v]['peak_rss_bytes'] / 2**30:.2f}" if v in steps
+            else "— | —" for v in RECOVERIES
+        )
         lines.append(
             f"| {float(ratio):.0%} | {calibrate:.0f} | {reconstruct:.0f} | {reconstruct / calibrate:.2f} | "
-            f"{prune['peak_rss_bytes'] / 2**30:.2f} | {lora} |"
+            f"{prune['peak_rss_bytes'] / 2**30:.2f} | {recoveries} |"
         )
     return "\n".join(lines)
 
@@ -130,21 +135,28 @@ def plot(results: dict, path: Path) -> None:
         if metric != "amp5":
             ax.set_yscale("log")
     axes[0].legend()
-    fig.suptitle("SmolLM2-135M-Instruct: AMP, + reconstruction, + LoRA recovery")
+    fig.suptitle("SmolLM2-135M-Instruct: AMP, + reconstruction, + LoRA recovery (next-token or distillation loss)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
 def model_folders(work: Path, ratios: list[float], dense_source: str) -> dict[str, tuple[str, str | None]]:
-    """The dense model and every finished ratio's three variants, as `load` arguments."""
+    """The dense model and every finished ratio's variants, as `load` arguments."""
     folders: dict[str, tuple[str, str | None]] = {"dense": (dense_source, None)}
     for ratio in ratios:
-        rec, lora = work / f"rec-{ratio}", work / f"lora-{ratio}"
+        rec = work / f"rec-{ratio}"
         if rec.is_dir():  # saved atomically: present means complete
             folders.update({f"amp@{ratio}": (dense_source, str(rec)), f"amp+rec@{ratio}": (str(rec), None)})
-        if lora.is_dir():
-            folders[f"amp+rec+lora@{ratio}"] = (str(lora), None)
+        for variant, (folder, _) in RECOVERIES.items():
+            if (work / f"{folder}-{ratio}").is_dir():
+                folders[f"{variant}@{ratio}"] = (str(work / f"{folder}-{ratio}"), None)
     return folders
+
+
+def variants(args) -> list[str]:
+    """The variants a run with these arguments makes at every ratio."""
+    recoveries = [] if args.max_steps == 0 else ["amp+rec+lora"] + (["amp+rec+distill"] if args.distill else [])
+    return ["amp", "amp+rec", *recoveries]
 
 
 def zero_shot_phase(args, work: Path, ratios: list[float], dense_source: str) -> None:
@@ -156,7 +168,7 @@ def zero_shot_phase(args, work: Path, ratios: list[float], dense_source: str) ->
     while not past(args.deadline):
         todo = [n for n in model_folders(work, ratios, dense_source).items() if n[0] not in done["amp5"]]
         if not todo:
-            if len(done["amp5"]) == 1 + 3 * len(ratios):
+            if len(done["amp5"]) == 1 + len(variants(args)) * len(ratios):
                 return
             time.sleep(60)
             continue
@@ -192,6 +204,8 @@ def main() -> None:
                         help="LoRA recovery steps of 512 tokens; 0: no recovery (default: the full --epochs)")
     parser.add_argument("--epochs", type=int, default=2, help="LoRA recovery epochs (default: 2, the paper's)")
     parser.add_argument("--recover-text", default="c4", help="recovery text(s), `amprune recover --text` (default: c4)")
+    parser.add_argument("--distill", action="store_true",
+                        help="also recover with `amprune recover --distill` (variant amp+rec+distill)")
     parser.add_argument("--no-dense", action="store_true", help="build: skip the dense model (another build has it)")
     parser.add_argument("--ppl-windows", type=int, default=8, help="perplexity windows per text (default: 8)")
     parser.add_argument("--ppl-seq-len", type=int, default=512, help="perplexity window length (default: 512)")
@@ -242,16 +256,17 @@ def main() -> None:
         if past(args.ratio_deadline):
             print(f"{args.ratio_deadline} UTC reached: ratio {ratio} and later not run", flush=True)
             break
-        rec, lora = str(work / f"rec-{ratio}"), str(work / f"lora-{ratio}")
+        rec = str(work / f"rec-{ratio}")
         steps = results["steps"][str(ratio)] = {}
         steps["amp+rec"] = run_step(["prune", "--ratio", str(ratio), "--samples", str(args.samples), "--reconstruct",
                                      "--out", rec, "--overwrite"])
-        recovering = args.max_steps != 0
-        if recovering:
-            bound = [] if args.max_steps is None else ["--max-steps", str(args.max_steps)]
-            steps["amp+rec+lora"] = run_step(["recover", "--model", rec, "--out", lora, "--epochs", str(args.epochs),
-                                              "--text", args.recover_text, *bound, "--overwrite"])
-        for variant in VARIANTS[: 3 if recovering else 2]:
+        bound = [] if args.max_steps is None else ["--max-steps", str(args.max_steps)]
+        for variant in variants(args)[2:]:
+            folder, flags = RECOVERIES[variant]
+            out = str(work / f"{folder}-{ratio}")
+            steps[variant] = run_step(["recover", "--model", rec, "--out", out, *flags, "--epochs", str(args.epochs),
+                                       "--text", args.recover_text, *bound, "--overwrite"])
+        for variant in variants(args):
             results["models"][f"{variant}@{ratio}"] = {"ratio": ratio, "variant": variant}
             measure_ppl(f"{variant}@{ratio}")
 

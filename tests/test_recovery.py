@@ -15,7 +15,16 @@ from amprune.errors import AmpruneError
 from amprune.models import get_family
 from amprune.pipeline import PruneRequest, prune
 from amprune.plan import PLAN_FILE, Plan
-from amprune.recovery import RecoverRequest, add_lora, count_steps, recover, target_modules, train, training_windows
+from amprune.recovery import (
+    RecoverRequest,
+    add_lora,
+    count_steps,
+    distillation_loss,
+    recover,
+    target_modules,
+    train,
+    training_windows,
+)
 
 
 def _windows(count: int = 4, length: int = 24) -> torch.Tensor:
@@ -37,6 +46,26 @@ def test_training_lowers_the_loss():
     assert losses[-1] < 0.9 * losses[0], losses
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)  # only the adapters learn
+
+
+def test_distillation_loss_is_the_token_mean_kl_from_teacher_to_student():
+    generator = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 3, 7, generator=generator), torch.randn(2, 3, 7, generator=generator)
+    p, q = teacher.softmax(-1), student.softmax(-1)
+    by_hand = (p * (p.log() - q.log())).sum(-1).mean()  # 6 tokens
+    assert torch.allclose(distillation_loss(student, teacher), by_hand, atol=1e-6)
+    assert distillation_loss(teacher, teacher).abs() < 1e-6
+
+
+def test_distillation_starts_at_zero_from_itself_and_moves_towards_another_teacher():
+    request = RecoverRequest(model="", out=None, lr=1e-2, batch_size=2, distill=True, progress=False)
+    itself = tiny_model("llama_gqa").requires_grad_(False)
+    model = add_lora(tiny_model("llama_gqa"), get_family("llama"), request)
+    assert train(model, _windows(), steps=1, request=request, teacher=itself)[0] < 1e-6  # LoRA starts as a no-op
+    other = tiny_model("llama_gqa", seed=1).requires_grad_(False)
+    model = add_lora(tiny_model("llama_gqa"), get_family("llama"), request)
+    losses = train(model, _windows(), steps=8, request=request, teacher=other)
+    assert losses[-1] < 0.8 * losses[0], losses
 
 
 def test_merged_checkpoint_loads_stock_and_equals_the_unmerged_model(tmp_path):
@@ -103,6 +132,15 @@ def test_recover_end_to_end_carries_the_plan_over(tmp_path, pruned_folder):
     assert {n: p.shape for n, p in after.named_parameters()} == {n: p.shape for n, p in before.named_parameters()}
 
 
+def test_distillation_end_to_end_uses_the_dense_model_of_the_plan(tmp_path, pruned_folder):
+    result = recover(RecoverRequest(model=str(pruned_folder), out=str(tmp_path / "out"), seq_len=32, max_steps=4,
+                                    lr=1e-2, distill=True, progress=False))
+    settings = Plan.load(tmp_path / "out").settings
+    assert settings["recovery"]["teacher"] == settings["model"] == str(tmp_path / "dense")
+    assert settings["recovery"]["loss"].startswith("distillation")
+    assert result.losses[-1] < result.losses[0], result.losses
+
+
 def test_folder_without_plan_is_recovered_with_a_warning(tmp_path, caplog):
     folder = save_tiny(tmp_path / "dense", "llama_gqa")
     with caplog.at_level(logging.WARNING, logger="amprune.recovery"):
@@ -124,8 +162,16 @@ def test_cli_bad_inputs(tmp_path, pruned_folder, capsys):
         (["--out", str(tmp_path / "a"), "--rank", "0"], "--rank must be positive, got 0"),
         (["--out", str(tmp_path / "a"), "--dropout", "1"], "--dropout must be in [0, 1), got 1.0"),
         (["--out", str(tmp_path / "a"), "--text", "poems"], "unknown recovery text 'poems'"),
+        (["--out", str(tmp_path / "a"), "--teacher", str(pruned_folder)],
+         "--teacher is the model to distil from: pass --distill too"),
+        (["--out", str(tmp_path / "a"), "--distill", "--teacher",
+          save_tiny(tmp_path / "other", "llama_gqa", vocab_size=96)],
+         "has a vocabulary of 96 tokens, the model 128: distillation needs the same tokenizer"),
     ]
     for extra, message in cases:
         assert main(["--quiet", "recover", "--model", str(pruned_folder), *extra]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
+    dense = save_tiny(tmp_path / "no-plan", "llama_gqa")
+    assert main(["--quiet", "recover", "--model", dense, "--out", str(tmp_path / "a"), "--distill"]) == 2
+    assert f"{dense} has no amprune plan naming the dense model: pass --teacher MODEL" in capsys.readouterr().err

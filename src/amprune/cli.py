@@ -328,6 +328,7 @@ def _run_bench(args) -> None:
 RECOVER_EXAMPLES = """examples:
   amprune recover --model pruned/ --out recovered/                 # the paper's LoRA: rank 8, 2 epochs on C4
   amprune recover --model pruned/ --out recovered/ --max-steps 100  # bounded, for a CPU
+  amprune recover --model pruned/ --out recovered/ --distill        # learn the dense model's predictions
 """
 
 
@@ -355,6 +356,10 @@ def _add_recover(sub) -> None:
     data.add_argument("--max-steps", type=int, help="stop after this many steps")
     data.add_argument("--max-tokens", type=int, help="stop before training on more than this many tokens")
     data.add_argument("--seed", type=int, default=0, help="seed for LoRA init and shuffling (default: 0)")
+    loss = p.add_argument_group("distillation (beyond the paper)")
+    loss.add_argument("--distill", action="store_true",
+                      help="train on KL(teacher ‖ model) of the next-token distributions instead of the text's tokens")
+    loss.add_argument("--teacher", help="model to distil from (default: the model the plan was pruned from)")
     run = p.add_argument_group("runtime")
     run.add_argument("--dtype", help="float32 (default on CPU) | bfloat16 (default on CUDA) | float16")
     run.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
@@ -369,13 +374,15 @@ def _run_recover(args) -> None:
         RecoverRequest(
             model=args.model, out=args.out, text=args.text, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
             lr=args.lr, seq_len=args.seq_len, epochs=args.epochs, batch_size=args.batch_size,
-            max_steps=args.max_steps, max_tokens=args.max_tokens, seed=args.seed, dtype=args.dtype,
+            max_steps=args.max_steps, max_tokens=args.max_tokens, distill=args.distill, teacher=args.teacher,
+            seed=args.seed, dtype=args.dtype,
             device=args.device, overwrite=args.overwrite, verify=not args.no_verify, progress=not args.quiet,
         )
     )
     losses = result.losses
     steps = " · ".join(f"{name} {value:.1f} s" for name, value in result.seconds.items())
-    print(f"LoRA recovery: {len(losses)} steps, loss {losses[0]:.3f} → {losses[-1]:.3f}")
+    kind = "distillation loss" if args.distill else "loss"
+    print(f"LoRA recovery: {len(losses)} steps, {kind} {losses[0]:.3f} → {losses[-1]:.3f}")
     print(f"time: {steps}\npeak memory: {result.peak_memory_bytes / 2**30:.2f} GiB")
     print(f"saved: {result.out}  (adapters merged; loads with AutoModelForCausalLM.from_pretrained)")
 

@@ -7,6 +7,12 @@ packaged text (C4 by default), never on the half that perplexity is measured on.
 `max_tokens` bound the cost on a CPU. The adapters are merged with `merge_and_unload`, so the result is
 again a stock checkpoint with exactly the pruned shapes; the plan file is carried over with the recovery
 settings recorded.
+
+**Distillation** (`distill`, beyond the paper): instead of the next-token loss on the text, the pruned
+model learns the dense model's next-token distributions on it: the loss is the token mean of
+KL(teacher ‖ student) over the whole vocabulary. Every position then carries a full distribution instead
+of one observed token, which is what a short recovery on little text lacks; the teacher (by default the
+model the plan was pruned from) costs one extra forward pass per step and its weights in memory.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checkpoint import check_output_dir, save_and_verify
@@ -47,6 +54,8 @@ class RecoverRequest:
     batch_size: int = 1
     max_steps: int | None = None
     max_tokens: int | None = None
+    distill: bool = False  # learn the teacher's next-token distributions instead of the text's tokens
+    teacher: str | None = None  # with distill; None: the model the plan was pruned from
     seed: int = 0
     dtype: str | None = None
     device: str | None = None
@@ -109,6 +118,28 @@ def _check(request: RecoverRequest) -> None:
             raise AmpruneError(f"{flag} must be positive, got {value}")
     if not 0 <= request.dropout < 1:
         raise AmpruneError(f"--dropout must be in [0, 1), got {request.dropout}")
+    if request.teacher is not None and not request.distill:
+        raise AmpruneError("--teacher is the model to distil from: pass --distill too")
+
+
+def teacher_source(request: RecoverRequest, plan: Plan | None, vocab_size: int) -> tuple[str, str]:
+    """The teacher for `--distill` (`--teacher`, or the model the plan was pruned from) and its resolved source."""
+    name = request.teacher or (plan.settings.get("model") if plan is not None else None)
+    if name is None:
+        raise AmpruneError(f"{request.model} has no amprune plan naming the dense model: pass --teacher MODEL")
+    source = resolve_model(name)
+    teacher_vocab = load_config(source).vocab_size
+    if teacher_vocab != vocab_size:
+        raise AmpruneError(f"teacher {name} has a vocabulary of {teacher_vocab} tokens, the model {vocab_size}: "
+                           "distillation needs the same tokenizer")
+    return name, source
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Token mean of KL(teacher ‖ student) between next-token distributions, in float32."""
+    student = student_logits.float().log_softmax(-1).flatten(0, -2)
+    teacher = teacher_logits.float().log_softmax(-1).flatten(0, -2)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
 
 def add_lora(model, family: Family, request: RecoverRequest):
@@ -122,8 +153,11 @@ def add_lora(model, family: Family, request: RecoverRequest):
     return get_peft_model(model, config)
 
 
-def train(model, windows: torch.Tensor, steps: int, request: RecoverRequest) -> list[float]:
-    """AdamW on the trainable (LoRA) parameters, learning rate decaying linearly to 0; one loss per step."""
+def train(model, windows: torch.Tensor, steps: int, request: RecoverRequest, teacher=None) -> list[float]:
+    """AdamW on the trainable (LoRA) parameters, learning rate decaying linearly to 0; one loss per step.
+
+    The loss is the next-token loss on the windows, or with a `teacher` the distillation loss.
+    """
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=request.lr)
@@ -137,7 +171,12 @@ def train(model, windows: torch.Tensor, steps: int, request: RecoverRequest) -> 
         order = torch.randperm(len(windows), generator=generator)
         for batch in range(min(per_epoch, steps - len(losses))):
             ids = windows[order[batch * request.batch_size : (batch + 1) * request.batch_size]].to(device)
-            loss = model(input_ids=ids, labels=ids).loss
+            if teacher is None:
+                loss = model(input_ids=ids, labels=ids).loss
+            else:
+                with torch.no_grad():
+                    target = teacher(input_ids=ids).logits
+                loss = distillation_loss(model(input_ids=ids).logits, target)
             loss.backward()
             optimizer.step()
             schedule.step()
@@ -170,6 +209,7 @@ def recover(request: RecoverRequest) -> RecoverResult:
                        "will carry no plan", request.model, PLAN_FILE)
     if request.out is not None:
         check_output_dir(request.out, request.overwrite)
+    teacher = teacher_source(request, plan, load_config(source).vocab_size) if request.distill else None
     device, dtype = resolve_device_dtype(request.device, request.dtype)
     tokenizer = load_tokenizer(source)
     windows = training_windows(tokenizer, request.text, request.seq_len)
@@ -185,7 +225,9 @@ def recover(request: RecoverRequest) -> RecoverResult:
     tick = time.perf_counter()
     torch.manual_seed(request.seed)  # LoRA's A matrices are initialised randomly
     model = add_lora(load_model(source, device, dtype), family, request)
-    losses = train(model, windows, steps, request)
+    teacher_model = None if teacher is None else load_model(teacher[1], device, dtype).requires_grad_(False)
+    losses = train(model, windows, steps, request, teacher_model)
+    del teacher_model
     seconds["recover"] = time.perf_counter() - tick
     if not math.isfinite(losses[-1]):
         raise AmpruneError(f"the training loss became {losses[-1]}: lower --lr or use --dtype float32")
@@ -199,9 +241,11 @@ def recover(request: RecoverRequest) -> RecoverResult:
         merge_diff = (model(probe).logits - before_merge).abs().max().item()
     logger.info("merged the LoRA adapters: max logit diff to the unmerged model %.2g", merge_diff)
     settings = {
+        "loss": "distillation (token mean of KL(teacher ‖ student))" if teacher else "next-token cross-entropy",
         "text": request.text, "text_part": "calibration", "steps": steps, "tokens": steps * request.batch_size *
         request.seq_len, "losses": [round(loss, 4) for loss in losses], "target_modules": target_modules(family),
         **{k: v for k, v in asdict(request).items() if k not in ("model", "out", "overwrite", "verify", "progress")},
+        "teacher": teacher and teacher[0],
         "dtype": str(dtype).removeprefix("torch."),
     }
     if plan is not None:
