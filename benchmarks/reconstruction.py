@@ -2,8 +2,9 @@
 
     nohup nice -n 5 .venv/bin/python benchmarks/reconstruction.py > /tmp/reconstruction.log 2>&1 &
 
-For every ratio (in the order given): `amprune prune --reconstruct` and `amprune recover` (and with
-`--distill` also `amprune recover --distill`, the same recovery learning the dense model's predictions)
+For every ratio (in the order given): `amprune prune --reconstruct` and `amprune recover` (with
+`--one-pass` also `amprune prune --reconstruct --one-pass`, scoring on the pruned stream in the same
+pass; with `--distill` also `amprune recover --distill`, recovery learning the dense model's predictions)
 run as child processes, so each one's wall time, per-step times (from its summary) and peak memory (the child's peak
 RSS) are its own. Plain AMP is the same plan applied without reconstruction (`surgery.apply_plan` on
 the dense model, in this process): the units AMP removes do not depend on reconstruction. Then the
@@ -38,7 +39,8 @@ from amprune.surgery import apply_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 RECOVERIES = {"amp+rec+lora": ("lora", []), "amp+rec+distill": ("distill", ["--distill"])}  # variant: folder, flags
-VARIANTS = ("amp", "amp+rec", *RECOVERIES)
+ONE_PASS = "amp+rec one-pass"  # `prune --reconstruct --one-pass`: units scored on the pruned stream
+VARIANTS = ("amp", "amp+rec", ONE_PASS, *RECOVERIES)
 
 
 def machine() -> str:
@@ -94,19 +96,21 @@ def table(results: dict) -> str:
             f"{entry['ppl_wiki'] / dense['ppl_wiki']:.2f} | {cell(entry, 'ppl_c4')} | "
             f"{entry['ppl_c4'] / dense['ppl_c4']:.2f} | {cell(entry, 'amp5', 3)} |"
         )
-    lines += ["", "| ratio | calibrate (s) | reconstruct (s) | reconstruct / calibrate | prune process peak RSS (GiB) "
-              "| recover (s) | recover peak RSS (GiB) | distill (s) | distill peak RSS (GiB) |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| ratio | calibrate (s) | reconstruct (s) | reconstruct / calibrate | one-pass reconstruct (s) "
+              "| (one-pass − calibrate) / calibrate | prune process peak RSS (GiB) | recover (s) "
+              "| recover peak RSS (GiB) | distill (s) | distill peak RSS (GiB) |", "|" + "---|" * 11]
     for ratio, steps in sorted(results["steps"].items()):
         prune = steps["amp+rec"]
         calibrate, reconstruct = prune["steps_s"]["calibrate"], prune["steps_s"]["reconstruct"]
+        one_pass = steps.get(ONE_PASS, {}).get("steps_s", {}).get("reconstruct")
+        one_pass = f"{one_pass:.0f} | {(one_pass - calibrate) / calibrate:.2f}" if one_pass else "— | —"
         recoveries = " | ".join(
             f"{steps[v]['steps_s']['recover']:.0f} | {steps[v]['peak_rss_bytes'] / 2**30:.2f}" if v in steps
             else "— | —" for v in RECOVERIES
         )
         lines.append(
             f"| {float(ratio):.0%} | {calibrate:.0f} | {reconstruct:.0f} | {reconstruct / calibrate:.2f} | "
-            f"{prune['peak_rss_bytes'] / 2**30:.2f} | {recoveries} |"
+            f"{one_pass} | {prune['peak_rss_bytes'] / 2**30:.2f} | {recoveries} |"
         )
     return "\n".join(lines)
 
@@ -147,6 +151,8 @@ def model_folders(work: Path, ratios: list[float], dense_source: str) -> dict[st
         rec = work / f"rec-{ratio}"
         if rec.is_dir():  # saved atomically: present means complete
             folders.update({f"amp@{ratio}": (dense_source, str(rec)), f"amp+rec@{ratio}": (str(rec), None)})
+        if (work / f"rec1-{ratio}").is_dir():
+            folders[f"{ONE_PASS}@{ratio}"] = (str(work / f"rec1-{ratio}"), None)
         for variant, (folder, _) in RECOVERIES.items():
             if (work / f"{folder}-{ratio}").is_dir():
                 folders[f"{variant}@{ratio}"] = (str(work / f"{folder}-{ratio}"), None)
@@ -156,7 +162,7 @@ def model_folders(work: Path, ratios: list[float], dense_source: str) -> dict[st
 def variants(args) -> list[str]:
     """The variants a run with these arguments makes at every ratio."""
     recoveries = [] if args.max_steps == 0 else ["amp+rec+lora"] + (["amp+rec+distill"] if args.distill else [])
-    return ["amp", "amp+rec", *recoveries]
+    return ["amp", "amp+rec", *([ONE_PASS] if args.one_pass else []), *recoveries]
 
 
 def zero_shot_phase(args, work: Path, ratios: list[float], dense_source: str) -> None:
@@ -204,6 +210,8 @@ def main() -> None:
                         help="LoRA recovery steps of 512 tokens; 0: no recovery (default: the full --epochs)")
     parser.add_argument("--epochs", type=int, default=2, help="LoRA recovery epochs (default: 2, the paper's)")
     parser.add_argument("--recover-text", default="c4", help="recovery text(s), `amprune recover --text` (default: c4)")
+    parser.add_argument("--one-pass", action="store_true",
+                        help=f"also prune with `--reconstruct --one-pass` (variant '{ONE_PASS}')")
     parser.add_argument("--distill", action="store_true",
                         help="also recover with `amprune recover --distill` (variant amp+rec+distill)")
     parser.add_argument("--no-dense", action="store_true", help="build: skip the dense model (another build has it)")
@@ -260,8 +268,11 @@ def main() -> None:
         steps = results["steps"][str(ratio)] = {}
         steps["amp+rec"] = run_step(["prune", "--ratio", str(ratio), "--samples", str(args.samples), "--reconstruct",
                                      "--out", rec, "--overwrite"])
+        if args.one_pass:
+            steps[ONE_PASS] = run_step(["prune", "--ratio", str(ratio), "--samples", str(args.samples), "--reconstruct",
+                                        "--one-pass", "--out", str(work / f"rec1-{ratio}"), "--overwrite"])
         bound = [] if args.max_steps is None else ["--max-steps", str(args.max_steps)]
-        for variant in variants(args)[2:]:
+        for variant in (v for v in variants(args) if v in RECOVERIES):
             folder, flags = RECOVERIES[variant]
             out = str(work / f"{folder}-{ratio}")
             steps[variant] = run_step(["recover", "--model", rec, "--out", out, *flags, "--epochs", str(args.epochs),

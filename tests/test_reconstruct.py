@@ -11,11 +11,12 @@ from conftest import VOCAB, max_diff, save_tiny, tiny_model
 from test_surgery import random_plan
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from amprune.calibration import CalibrationSet
+from amprune.calibration import AmpStats, CalibrationSet, score_units
+from amprune.errors import AmpruneError
 from amprune.models import Dims, UnsupportedModelError, get_family
 from amprune.pipeline import PruneRequest, prune
 from amprune.plan import LayerPlan, Plan, make_budget
-from amprune.reconstruct import IllConditionedError, NormalEquations, reconstruct, refit
+from amprune.reconstruct import IllConditionedError, LayerChooser, NormalEquations, reconstruct, refit
 from amprune.surgery import apply_plan, unit_params
 
 
@@ -275,3 +276,93 @@ def test_last_layer_error_matches_the_dense_layer_run_on_the_pruned_stream(case)
         hook.remove()
     assert report["relative_calibration_error"][-1][family.o]["refit"] == pytest.approx(error / energy, rel=1e-3)
 
+
+
+def _brute_force_amp(layer_in: list[tuple], dense_layer, pruned_layer, family, num_heads: int, head_dim: int):
+    """AMP scores of `dense_layer` on the given (args, kwargs) inputs, one unpadded sample each: heads on its
+    own attention, neurons on the MLP input the pruned layer computes (after its re-fitted attention)."""
+    seen: dict = {}
+    hooks = [
+        family.o_proj(dense_layer).register_forward_pre_hook(lambda m, a: seen.update(o_in=a[0])),
+        family.down_proj(dense_layer).register_forward_pre_hook(lambda m, a: seen.update(down_in=a[0])),
+        family.mlp_block(pruned_layer).register_forward_pre_hook(lambda m, a: seen.update(mlp_in=a[0])),
+    ]
+    o_weight = family.o_proj(dense_layer).weight.double()
+    heads, neurons = torch.zeros(num_heads, dtype=torch.float64), 0.0
+    with torch.no_grad():
+        for args, kwargs in layer_in:
+            dense_layer(*args, **kwargs)  # its o_proj input: the dense heads on the pruned stream
+            pruned_layer(*args, **kwargs)  # its MLP input
+            family.mlp_block(dense_layer)(seen["mlp_in"])
+            h = seen["o_in"][0].double()  # (T, H·d)
+            for n in range(num_heads):
+                block = slice(n * head_dim, (n + 1) * head_dim)
+                heads[n] += (h[:, block] @ o_weight[:, block].T).abs().sum(-1).mean()
+            neurons = neurons + seen["down_in"][0].double().abs().mean(0)
+    for hook in hooks:
+        hook.remove()
+    return heads / len(layer_in), neurons / len(layer_in)
+
+
+@pytest.mark.parametrize("case", ["llama_gqa", "phi"])
+def test_one_pass_scores_every_layer_on_the_pruned_stream(case):
+    """One-pass mode: the last layer's AMP scores equal a brute-force computation with the dense layer on
+    the inputs the pruned layers before it give (padding excluded), and it keeps the lowest-scoring units."""
+    model, mode, _ = _family_model(case)
+    family = get_family(model.config.model_type)
+    dims = Dims.from_config(family.sizes_config(model.config))
+    dense = copy.deepcopy(model)
+    units = unit_params(family, family.decoder_layers(model)[0], dims)
+    budget = make_budget(dims, units, sum(p.numel() for p in model.parameters()), mode, None, 0.25, 0.3)
+    plan = Plan(dims, budget, [])
+    calib = _calib([30, 21, 30], seed=2)
+    stats = AmpStats(dims)
+    stats.num_samples = len(calib.samples)
+    chooser = LayerChooser("amp", dims, budget, stats, torch.Generator().manual_seed(0))
+    report = reconstruct(model, family, plan, calib, batch_size=2, progress=False, chooser=chooser)
+    assert report["scored_on"] == "pruned model (in this pass)" and len(plan.layers) == dims.num_layers
+    assert plan.dims_after == budget.dims_after(dims)
+    assert sum(p.numel() for p in model.parameters()) == budget.params_after
+
+    pruned_layer, dense_layer = family.decoder_layers(model)[-1], family.decoder_layers(dense)[-1]
+    layer_in: list[tuple] = []
+    hook = pruned_layer.register_forward_pre_hook(lambda m, a, kw: layer_in.append((a, kw)), with_kwargs=True)
+    with torch.no_grad():
+        for sample in calib.samples:  # one at a time: no padding
+            model(sample[None], use_cache=False)
+    hook.remove()
+    heads, neurons = _brute_force_amp(layer_in, dense_layer, pruned_layer, family, dims.num_heads, dims.head_dim)
+    last = plan.layers[-1]
+    assert torch.allclose(torch.tensor(last.head_scores, dtype=torch.float64), heads, rtol=1e-4)
+    assert torch.allclose(torch.tensor(last.neuron_scores, dtype=torch.float64), neurons, rtol=1e-4)
+    assert last.neurons_kept == sorted(neurons.argsort(stable=True)[budget.neurons_removed :].tolist())
+    dense_heads = score_units(["amp"], dense, family, dims, calib, 2, progress=False)[0]["amp"][0][-1]
+    assert not torch.allclose(dense_heads, heads, rtol=1e-2)  # the dense model's own stream gives other scores
+
+
+def test_prune_one_pass_saves_a_stock_checkpoint_and_its_first_heads_match_the_dense_scores(tmp_path, calib_text):
+    folder = save_tiny(tmp_path / "dense", "llama_gqa")
+    common = dict(model=folder, head_ratio=1 / 3, mlp_ratio=0.25, calib=calib_text, samples=4, seq_len=32,
+                  progress=False)
+    plain = prune(PruneRequest(out=None, **common))
+    result = prune(PruneRequest(out=str(tmp_path / "pruned"), reconstruct=True, one_pass=True, **common))
+    assert "calibrate" not in result.seconds and "reconstruct" in result.seconds
+    # layer 0 sees the same embeddings either way: the same head scores, so the same heads
+    assert result.plan.layers[0].head_scores == pytest.approx(plain.plan.layers[0].head_scores, rel=1e-5)
+    assert result.plan.layers[0].heads_kept == plain.plan.layers[0].heads_kept
+    saved = Plan.load(tmp_path / "pruned")
+    assert saved.layers == result.plan.layers
+    assert saved.settings["reconstruction"]["scored_on"] == "pruned model (in this pass)"
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
+    shapes = {n: p.shape for n, p in plain.model.named_parameters()}
+    assert {n: p.shape for n, p in reloaded.named_parameters()} == shapes
+    flap = prune(PruneRequest(out=None, reconstruct=True, one_pass=True, scorer="flap", **common))
+    assert sum(p.numel() for p in flap.model.parameters()) == flap.plan.budget.params_after
+
+
+def test_one_pass_bad_inputs(tmp_path, calib_text):
+    common = dict(out=None, model=save_tiny(tmp_path / "dense", "llama_gqa"), ratio=0.2, calib=calib_text)
+    with pytest.raises(AmpruneError, match="--one-pass scores the layers during reconstruction: pass --reconstruct"):
+        prune(PruneRequest(one_pass=True, **common))
+    with pytest.raises(AmpruneError, match="--one-pass cannot use --scorer taylor: it needs the whole model's grad"):
+        prune(PruneRequest(one_pass=True, reconstruct=True, scorer="taylor", **common))

@@ -337,31 +337,52 @@ def score_units(
     moments = moments or "moments" in needs
     if moments or needs & {"amp"}:
         stats = collect_amp_stats(model, family, dims, calib, batch_size, pad_id, progress, moments=moments)
-        amp_heads, amp_neurons = stats.scores()
+        stats.scores()  # fails here, with the layer named, on non-finite activations
     if "gradients" in needs:
         collect_gradients(model, family, calib, batch_size, pad_id, progress)
     generator = torch.Generator().manual_seed(seed)
     rows: dict[str, tuple[list, list]] = {name: ([], []) for name in scorers}
     try:
         for index, layer in enumerate(family.decoder_layers(model)):
-            head_in, o_weight, neuron_in, down_weight = _unit_rows(family, layer, dims, grads=False)
-            t = LayerTensors(dims.head_dim, head_in, o_weight, neuron_in, down_weight, generator=generator)
-            if stats is not None:
-                t.amp = (amp_heads[index], amp_neurons[index])
-            if stats is not None and stats.o_moments is not None:
-                t.o_moments = stats.o_moments.mean_and_square(index)
-                t.down_moments = stats.down_moments.mean_and_square(index)
-            if "gradients" in needs:
-                t.head_in_grads, t.o_grad, t.neuron_in_grads, t.down_grad = _unit_rows(family, layer, dims, grads=True)
-            for name in scorers:
-                heads, neurons = SCORERS[name].layer_scores(t)
-                if not (torch.isfinite(heads).all() and torch.isfinite(neurons).all()):
-                    raise AmpruneError(
-                        f"non-finite {name} scores in decoder layer {index}; run in float32 (--dtype float32)"
-                    )
-                rows[name][0].append(heads.detach().double().cpu())
-                rows[name][1].append(neurons.detach().double().cpu())
+            scores = layer_scores(scorers, family, layer, index, dims, stats, generator, "gradients" in needs)
+            for name, (heads, neurons) in scores.items():
+                rows[name][0].append(heads)
+                rows[name][1].append(neurons)
     finally:
         if "gradients" in needs:
             model.zero_grad(set_to_none=True)
     return {name: (torch.stack(heads), torch.stack(neurons)) for name, (heads, neurons) in rows.items()}, stats
+
+
+def layer_scores(
+    scorers: list[str],
+    family: Family,
+    layer: torch.nn.Module,
+    index: int,
+    dims: Dims,
+    stats: AmpStats | None,
+    generator: torch.Generator,
+    gradients: bool = False,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(H,) head and (I,) neuron scores of decoder layer `index` for every named scorer, float64 on the CPU.
+
+    Reads the layer's weights, its statistics in `stats` (None if no scorer needs any) and, with
+    `gradients`, the weights' `.grad`.
+    """
+    head_in, o_weight, neuron_in, down_weight = _unit_rows(family, layer, dims, grads=False)
+    t = LayerTensors(dims.head_dim, head_in, o_weight, neuron_in, down_weight, generator=generator)
+    if stats is not None:
+        amp_heads, amp_neurons = stats.scores()
+        t.amp = (amp_heads[index], amp_neurons[index])
+        if stats.o_moments is not None:
+            t.o_moments = stats.o_moments.mean_and_square(index)
+            t.down_moments = stats.down_moments.mean_and_square(index)
+    if gradients:
+        t.head_in_grads, t.o_grad, t.neuron_in_grads, t.down_grad = _unit_rows(family, layer, dims, grads=True)
+    scores = {}
+    for name in scorers:
+        heads, neurons = SCORERS[name].layer_scores(t)
+        if not (torch.isfinite(heads).all() and torch.isfinite(neurons).all()):
+            raise AmpruneError(f"non-finite {name} scores in decoder layer {index}; run in float32 (--dtype float32)")
+        scores[name] = (heads.detach().double().cpu(), neurons.detach().double().cpu())
+    return scores

@@ -58,6 +58,11 @@ def _add_prune(sub) -> None:
         "--reconstruct", action="store_true",
         help="re-fit every layer's o_proj/down_proj by least squares on the calibration tokens (no training)",
     )
+    p.add_argument(
+        "--one-pass", action="store_true",
+        help="with --reconstruct: score every layer in the reconstruction pass, on the pruned model's hidden states, "
+        "instead of in a separate pass over the dense model (about half the time; not with --scorer taylor)",
+    )
     budget = p.add_argument_group("how much to prune")
     budget.add_argument("--ratio", type=_fraction, help="fraction of all parameters to remove, in [0, 1) (AMP's c)")
     budget.add_argument("--head-ratio", type=_fraction,
@@ -109,7 +114,8 @@ def _run_prune(args) -> None:
             gqa_mode=args.gqa_mode, round_to=args.round_to, calib=args.calib, samples=args.samples,
             seq_len=args.seq_len, seed=args.seed,
             batch_size=args.batch_size, dtype=args.dtype, device=args.device, overwrite=args.overwrite,
-            verify=not args.no_verify, progress=not args.quiet, reconstruct=args.reconstruct, scorer=args.scorer,
+            verify=not args.no_verify, progress=not args.quiet, reconstruct=args.reconstruct, one_pass=args.one_pass,
+            scorer=args.scorer,
             bias_compensation=args.bias_compensation,
         )
     )

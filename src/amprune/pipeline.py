@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .calibration import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, calibration_set, check_scorers, score_units
+from .calibration import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, AmpStats, calibration_set, check_scorers, score_units
 from .checkpoint import check_output_dir, save_and_verify, saved_model_type
 from .compensation import add_zero_biases, biased_config, compensate
 from .errors import AmpruneError
@@ -27,8 +27,9 @@ from .models.loading import (
     resolve_model,
 )
 from .plan import Budget, Plan, UnitParams, make_budget, select_units
-from .reconstruct import reconstruct
+from .reconstruct import LayerChooser, reconstruct
 from .resources import peak_memory_bytes, reset_peak_memory
+from .scoring import SCORERS
 from .surgery import apply_plan, unit_params
 from .versions import package_versions
 
@@ -59,6 +60,7 @@ class PruneRequest:
     scorer: str = "amp"  # a name in amprune.scoring.SCORERS
     bias_compensation: bool = False  # FLAP's mean compensation in o_proj/down_proj biases (compensation.py)
     reconstruct: bool = False  # re-fit o_proj/down_proj by least squares during surgery (reconstruct.py)
+    one_pass: bool = False  # with reconstruct: score every layer in the reconstruction pass (reconstruct.LayerChooser)
 
 
 @dataclass
@@ -137,19 +139,23 @@ def prune(request: PruneRequest) -> PruneResult:
     if request.bias_compensation and request.reconstruct:
         raise AmpruneError("--bias-compensation and --reconstruct both correct o_proj/down_proj for what was removed; "
                            "use one")
+    if request.one_pass and not request.reconstruct:
+        raise AmpruneError("--one-pass scores the layers during reconstruction: pass --reconstruct too")
     target = describe_model(request.model, request.bias_compensation)
     source, config, family, dims = target.source, target.config, target.family, target.dims
     budget = target.budget(
         request.gqa_mode, request.ratio, request.head_ratio, request.mlp_ratio, request.round_to
     )
     check_scorers([request.scorer])
+    if request.one_pass and SCORERS[request.scorer].needs == "gradients":
+        raise AmpruneError(f"--one-pass cannot use --scorer {request.scorer}: it needs the whole model's gradients")
     if request.out is not None:
         check_output_dir(request.out, request.overwrite)
     device, dtype = resolve_device_dtype(request.device, request.dtype)
     tokenizer = load_tokenizer(source)
     calib = calibration_set(request.calib, tokenizer, request.samples, request.seq_len, request.seed)
 
-    # 2. Load and calibrate: one forward pass collects head and neuron statistics.
+    # 2. Load and calibrate: one forward pass collects head and neuron statistics (one pass: during step 4).
     tick = time.perf_counter()
     model = load_model(source, device, dtype)
     if request.bias_compensation:
@@ -157,16 +163,24 @@ def prune(request: PruneRequest) -> PruneResult:
     seconds["load"] = time.perf_counter() - tick
     tick = time.perf_counter()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    scores, stats = score_units([request.scorer], model, family, dims, calib, request.batch_size, pad_id,
-                                request.seed, request.progress, moments=request.bias_compensation)
-    head_scores, neuron_scores = scores[request.scorer]
-    seconds["calibrate"] = time.perf_counter() - tick
+    chooser = None
+    if request.one_pass:  # scored in the reconstruction pass, layer by layer: no calibration pass here
+        needs_moments = SCORERS[request.scorer].needs == "moments"
+        stats = AmpStats(dims, device=device, moments=needs_moments)
+        stats.num_samples = len(calib.samples)
+        chooser = LayerChooser(request.scorer, dims, budget, stats, torch.Generator().manual_seed(request.seed))
+        layers = []
+    else:
+        scores, stats = score_units([request.scorer], model, family, dims, calib, request.batch_size, pad_id,
+                                    request.seed, request.progress, moments=request.bias_compensation)
+        layers = select_units(*scores[request.scorer], dims, budget)
+        seconds["calibrate"] = time.perf_counter() - tick
 
-    # 3. Plan: the lowest-scoring units of every layer, as many as the budget says.
+    # 3. Plan: the lowest-scoring units of every layer, as many as the budget says (one pass: chosen in step 4).
     plan = Plan(
         dims=dims,
         budget=budget,
-        layers=select_units(head_scores, neuron_scores, dims, budget),
+        layers=layers,
         settings={
             "method": request.scorer,
             "model": request.model or default_model(),
@@ -187,13 +201,13 @@ def prune(request: PruneRequest) -> PruneResult:
         versions=package_versions(),
     )
     if request.out is not None:
-        saved_model_type(family, config, plan.dims_after)  # fails now, not after surgery, if unsavable
+        saved_model_type(family, config, budget.dims_after(dims))  # fails now, not after surgery, if unsavable
 
     # 4. Surgery, then a forward and a short cached generation to prove the model is consistent.
     tick = time.perf_counter()
     if request.reconstruct:  # --reconstruct: surgery layer by layer, re-fitting o_proj/down_proj on the way
         plan.settings["reconstruction"] = reconstruct(model, family, plan, calib, request.batch_size, pad_id,
-                                                      progress=request.progress)
+                                                      progress=request.progress, chooser=chooser)
     else:
         if request.bias_compensation:  # needs the dropped columns: before they are sliced away
             compensate(model, family, plan, stats.o_moments, stats.down_moments)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Collection
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -60,6 +60,12 @@ class Budget:
     @property
     def achieved_fraction(self) -> float:
         return 1.0 - self.params_after / self.params_before
+
+    def dims_after(self, dims: Dims) -> Dims:
+        """The sizes every layer of a model with `dims` has after losing this budget's units."""
+        return replace(dims, num_heads=dims.num_heads - self.heads_removed,
+                       num_kv_heads=dims.num_kv_heads - self.kv_heads_removed,
+                       intermediate_size=dims.intermediate_size - self.neurons_removed)
 
 
 def head_removal(dims: Dims, gqa_mode: str, fraction: float) -> tuple[int, int]:

@@ -42,17 +42,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import CalibrationSet, batches, real_tokens
+from .calibration import AmpStats, CalibrationSet, amp_hooks, batches, layer_scores, real_tokens
+from .models import Dims
 from .models.base import Family
-from .plan import Plan
+from .plan import Budget, LayerPlan, Plan, select_units
 from .surgery import prune_layer, unit_rows, update_config
 
 logger = logging.getLogger(__name__)
@@ -217,13 +218,12 @@ def _replaced(layer: nn.Module, name: str, stand_in: nn.Module) -> Iterator[None
         setattr(layer, name, original)
 
 
-def _run_block(layer: nn.Module, block: nn.Module, proj: nn.Linear, kept: list[int], runs: list) -> tuple:
+def _run_block(layer: nn.Module, block: nn.Module, proj: nn.Linear, runs: list, stats: AmpStats | None) -> tuple:
     """Run `layer` on every batch until `block` returns; `proj` must produce the block's output.
 
-    Returns the normal equations of re-fitting `proj`'s kept inputs to the block's (dense) output, and per
-    batch `proj`'s input and the block's output.
+    Returns per batch `proj`'s input and the block's (dense) output. `stats`, if given, is told each
+    batch's padding mask (its hooks record the layer's scoring statistics on the way).
     """
-    eqs = NormalEquations.zeros(kept, proj.out_features, proj.weight.device)
     inputs, outputs, current = [], [], {}
 
     def before_proj(module, args):
@@ -237,14 +237,14 @@ def _run_block(layer: nn.Module, block: nn.Module, proj: nn.Linear, kept: list[i
             raise RuntimeError(f"{type(block).__name__} does not return its {type(proj).__name__}'s output, "
                                "so reconstruction cannot replay it")
         outputs.append(output)
-        eqs.add(real_tokens(inputs[-1], current["mask"]), real_tokens(_first(output), current["mask"]))
         raise _Stop
 
     handles = [proj.register_forward_pre_hook(before_proj), proj.register_forward_hook(after_proj),
                block.register_forward_hook(after_block)]
     try:
         for x, (_, args, kwargs), mask in runs:
-            current["mask"] = mask
+            if stats is not None:
+                stats.mask = mask
             try:
                 layer(x, *args, **kwargs)
             except _Stop:
@@ -253,7 +253,15 @@ def _run_block(layer: nn.Module, block: nn.Module, proj: nn.Linear, kept: list[i
     finally:
         for handle in handles:
             handle.remove()
-    return eqs, inputs, outputs
+    return inputs, outputs
+
+
+def _equations(proj: nn.Linear, kept: list[int], inputs: list, outputs: list, masks: list) -> NormalEquations:
+    """The normal equations of re-fitting `proj`'s kept inputs to the block's outputs, over real tokens."""
+    eqs = NormalEquations.zeros(kept, proj.out_features, proj.weight.device)
+    for x, output, mask in zip(inputs, outputs, masks, strict=True):
+        eqs.add(real_tokens(x, mask), real_tokens(_first(output), mask))
+    return eqs
 
 
 def _refit_block(proj: nn.Linear, eqs: NormalEquations, inputs: list, outputs: list, damping: float,
@@ -286,6 +294,30 @@ def _refit_block(proj: nn.Linear, eqs: NormalEquations, inputs: list, outputs: l
     return new_outputs, errors
 
 
+@dataclass
+class LayerChooser:
+    """One-pass mode: chooses every layer's units during reconstruction, on the pruned model's stream.
+
+    The plan's rule is per layer (the same counts everywhere, the lowest-scoring units of each layer),
+    so layer i's units can be chosen as soon as its statistics are in. Here they come from the inputs
+    the already pruned and re-fitted layers before it produce, recorded by `stats`' hooks while the
+    reconstruction pass runs the dense layer: heads after the attention block, neurons after the MLP
+    block (whose input then already reflects the re-fitted attention). No separate calibration pass.
+    """
+
+    scorer: str
+    dims: Dims
+    budget: Budget
+    stats: AmpStats
+    generator: torch.Generator
+
+    def choose(self, family: Family, layer: nn.Module, index: int) -> LayerPlan:
+        """Layer `index`'s units from its statistics so far (only its heads are final before its MLP ran)."""
+        heads, neurons = layer_scores([self.scorer], family, layer, index, self.dims, self.stats,
+                                      self.generator)[self.scorer]
+        return select_units(heads[None], neurons[None], self.dims, self.budget)[0]
+
+
 @torch.no_grad()
 def reconstruct(
     model: nn.Module,
@@ -296,12 +328,14 @@ def reconstruct(
     pad_id: int = 0,
     damping: float = DEFAULT_DAMPING,
     progress: bool = True,
+    chooser: LayerChooser | None = None,
 ) -> dict:
     """Apply `plan` to `model` layer by layer, re-fitting o_proj and down_proj on the way (in place).
 
-    The result has exactly the shapes plain `surgery.apply_plan` gives. Returns the settings and, per
-    layer, the relative calibration error of each projection after plain surgery and after the re-fit
-    (recorded in the plan).
+    With a `chooser` (one-pass mode) `plan.layers` starts empty and every layer's units are chosen, and
+    appended to it, during the pass. The result has exactly the shapes plain `surgery.apply_plan` gives.
+    Returns the settings and, per layer, the relative calibration error of each projection after plain
+    surgery and after the re-fit (recorded in the plan).
     """
     todo = list(batches(calib.samples, batch_size, pad_id))
     masks = [mask for _, mask in todo]
@@ -309,25 +343,37 @@ def reconstruct(
     hidden = [x for x, _, _ in calls[0]]  # (B, T, D) per batch: the pruned model's stream
     d = plan.dims.head_dim
     report = []
-    layers = list(zip(family.decoder_layers(model), plan.layers, strict=True))
-    for index, (layer, keep) in enumerate(tqdm(layers, desc="Reconstructing", unit="layer", disable=not progress)):
-        runs = list(zip(hidden, calls[index], masks, strict=True))
-        attention, mlp = family.attention_block(layer), family.mlp_block(layer)
-        o_proj, down_proj = family.o_proj(layer), family.down_proj(layer)
-        # 1. attention: dense heads on the pruned stream; o_proj re-fitted on the kept heads
-        eqs, inputs, outputs = _run_block(layer, attention, o_proj, unit_rows(keep.heads_kept, d), runs)
-        attention_out, attention_error = _refit_block(o_proj, eqs, inputs, outputs, damping,
-                                                      f"layer {index} {family.o}")
-        # 2. MLP: its input comes from the re-fitted attention (replayed, not recomputed)
-        with _replaced(layer, family.attention, _Replay(attention_out)):
-            eqs, inputs, outputs = _run_block(layer, mlp, down_proj, keep.neurons_kept, runs)
-        mlp_out, mlp_error = _refit_block(down_proj, eqs, inputs, outputs, damping, f"layer {index} {family.down}")
-        del eqs, inputs, outputs
-        # 3. the pruned layer's outputs (both blocks replayed) feed the next layer; then slice it
-        with _replaced(layer, family.attention, _Replay(attention_out)), _replaced(layer, family.mlp, _Replay(mlp_out)):
-            hidden = [_first(layer(x, *args, **kwargs)) for x, (_, args, kwargs), _ in runs]
-        prune_layer(family, layer, plan.dims, keep)
-        report.append({"layer": index, family.o: attention_error, family.down: mlp_error})
-        logger.debug("layer %d relative calibration error: %s", index, report[-1])
+    stats = None if chooser is None else chooser.stats
+    layers = family.decoder_layers(model)
+    with amp_hooks(model, family, stats) if stats is not None else nullcontext():
+        for index, layer in enumerate(tqdm(layers, desc="Reconstructing", unit="layer", disable=not progress)):
+            runs = list(zip(hidden, calls[index], masks, strict=True))
+            attention, mlp = family.attention_block(layer), family.mlp_block(layer)
+            o_proj, down_proj = family.o_proj(layer), family.down_proj(layer)
+            # 1. attention: dense heads on the pruned stream; o_proj re-fitted on the kept heads
+            inputs, outputs = _run_block(layer, attention, o_proj, runs, stats)
+            keep = plan.layers[index] if chooser is None else chooser.choose(family, layer, index)
+            eqs = _equations(o_proj, unit_rows(keep.heads_kept, d), inputs, outputs, masks)
+            attention_out, attention_error = _refit_block(o_proj, eqs, inputs, outputs, damping,
+                                                          f"layer {index} {family.o}")
+            # 2. MLP: its input comes from the re-fitted attention (replayed, not recomputed)
+            with _replaced(layer, family.attention, _Replay(attention_out)):
+                inputs, outputs = _run_block(layer, mlp, down_proj, runs, stats)
+            if chooser is not None:
+                neurons = chooser.choose(family, layer, index)
+                keep = replace(keep, neurons_kept=neurons.neurons_kept, neuron_scores=neurons.neuron_scores)
+                plan.layers.append(keep)
+            eqs = _equations(down_proj, keep.neurons_kept, inputs, outputs, masks)
+            mlp_out, mlp_error = _refit_block(down_proj, eqs, inputs, outputs, damping,
+                                              f"layer {index} {family.down}")
+            del eqs, inputs, outputs
+            # 3. the pruned layer's outputs (both blocks replayed) feed the next layer; then slice it
+            with (_replaced(layer, family.attention, _Replay(attention_out)),
+                  _replaced(layer, family.mlp, _Replay(mlp_out))):
+                hidden = [_first(layer(x, *args, **kwargs)) for x, (_, args, kwargs), _ in runs]
+            prune_layer(family, layer, plan.dims, keep)
+            report.append({"layer": index, family.o: attention_error, family.down: mlp_error})
+            logger.debug("layer %d relative calibration error: %s", index, report[-1])
     update_config(family.sizes_config(model.config), plan.dims_after)
-    return {"mode": "sequential", "damping": damping, "relative_calibration_error": report}
+    scoring = "dense model (separate calibration pass)" if chooser is None else "pruned model (in this pass)"
+    return {"mode": "sequential", "scored_on": scoring, "damping": damping, "relative_calibration_error": report}
