@@ -36,6 +36,10 @@ cost is about one dense forward plus the k × k and k × out products and the re
 outputs on the kept channels. This relies on each block returning its output projection's output
 (checked, by identity, on every call). Memory: the calibration tokens' hidden states and one block's
 inputs/outputs, plus one projection's statistics.
+
+**One pass** (`LayerChooser`): the plan's rule is per layer, so the units can be chosen inside this
+pass, from each layer's scoring statistics on the pruned stream, and no separate calibration pass over
+the dense model is needed.
 """
 
 from __future__ import annotations
