@@ -304,7 +304,7 @@ def _brute_force_amp(layer_in: list[tuple], dense_layer, pruned_layer, family, n
     return heads / len(layer_in), neurons / len(layer_in)
 
 
-@pytest.mark.parametrize("case", ["llama_gqa", "phi"])
+@pytest.mark.parametrize("case", ["llama_gqa", "qwen2", "phi", "gemma3_text"])
 def test_one_pass_scores_every_layer_on_the_pruned_stream(case):
     """One-pass mode: the last layer's AMP scores equal a brute-force computation with the dense layer on
     the inputs the pruned layers before it give (padding excluded), and it keeps the lowest-scoring units."""
