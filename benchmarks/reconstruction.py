@@ -174,7 +174,8 @@ def zero_shot_phase(args, work: Path, ratios: list[float], dense_source: str) ->
     while not past(args.deadline):
         todo = [n for n in model_folders(work, ratios, dense_source).items() if n[0] not in done["amp5"]]
         if not todo:
-            if len(done["amp5"]) == 1 + len(variants(args)) * len(ratios):
+            expected = {"dense"} | {f"{variant}@{ratio}" for variant in variants(args) for ratio in ratios}
+            if expected <= done["amp5"].keys():
                 return
             time.sleep(60)
             continue
