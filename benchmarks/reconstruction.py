@@ -273,11 +273,13 @@ def main() -> None:
             steps[ONE_PASS] = run_step(["prune", "--ratio", str(ratio), "--samples", str(args.samples), "--reconstruct",
                                         "--one-pass", "--out", str(work / f"rec1-{ratio}"), "--overwrite"])
         bound = [] if args.max_steps is None else ["--max-steps", str(args.max_steps)]
+        save()
         for variant in (v for v in variants(args) if v in RECOVERIES):
             folder, flags = RECOVERIES[variant]
-            out = str(work / f"{folder}-{ratio}")
-            steps[variant] = run_step(["recover", "--model", rec, "--out", out, *flags, "--epochs", str(args.epochs),
-                                       "--text", args.recover_text, *bound, "--overwrite"])
+            recovered = str(work / f"{folder}-{ratio}")
+            steps[variant] = run_step(["recover", "--model", rec, "--out", recovered, *flags, "--epochs",
+                                       str(args.epochs), "--text", args.recover_text, *bound, "--overwrite"])
+            save()
         for variant in variants(args):
             results["models"][f"{variant}@{ratio}"] = {"ratio": ratio, "variant": variant}
             measure_ppl(f"{variant}@{ratio}")
