@@ -26,7 +26,7 @@ import re
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import torch
@@ -67,12 +67,16 @@ def run_step(args: list[str]) -> dict:
     }
 
 
+STARTED = datetime.now(timezone.utc)
+
+
 def past(deadline: str | None) -> bool:
-    """Whether the UTC clock has passed `deadline` (HH:MM, today; None: never)."""
+    """Whether the UTC clock has passed `deadline` (HH:MM: its first occurrence after the script started, so a
+    deadline after midnight works; None: never)."""
     if deadline is None:
         return False
-    now = datetime.now(timezone.utc)
-    return now >= datetime.combine(now.date(), datetime.strptime(deadline, "%H:%M").time(), tzinfo=timezone.utc)
+    at = datetime.combine(STARTED.date(), datetime.strptime(deadline, "%H:%M").time(), tzinfo=timezone.utc)
+    return datetime.now(timezone.utc) >= (at if at >= STARTED else at + timedelta(days=1))
 
 
 def load(folder: str, plan_from: str | None = None):
