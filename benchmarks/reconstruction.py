@@ -88,17 +88,17 @@ def load(folder: str, plan_from: str | None = None):
 
 
 def table(results: dict) -> str:
-    def cell(entry: dict, key: str, digits: int = 2) -> str:
-        return f"{entry[key]:.{digits}f}" if key in entry else "—"
+    def cell(entry: dict, key: str, digits: int = 2, scale: float = 1.0) -> str:
+        return f"{scale * entry[key]:.{digits}f}" if key in entry else "—"
 
     dense = results["models"]["dense"]
-    lines = ["| ratio | model | wiki ppl | × dense | C4 ppl | × dense | amp5 avg |", "|---|---|---|---|---|---|---|"]
+    lines = ["| ratio | model | wiki ppl | × dense | C4 ppl | × dense | amp5 avg (%) |", "|" + "---|" * 7]
     for entry in sorted(results["models"].values(), key=lambda e: (e.get("ratio", 0.0), e.get("variant", ""))):
         ratio = entry.get("ratio", 0.0)
         lines.append(
             f"| {ratio:.0%} | {entry.get('variant', 'dense')} | {cell(entry, 'ppl_wiki')} | "
             f"{entry['ppl_wiki'] / dense['ppl_wiki']:.2f} | {cell(entry, 'ppl_c4')} | "
-            f"{entry['ppl_c4'] / dense['ppl_c4']:.2f} | {cell(entry, 'amp5', 3)} |"
+            f"{entry['ppl_c4'] / dense['ppl_c4']:.2f} | {cell(entry, 'amp5', 1, 100)} |"
         )
     lines += ["", "| ratio | calibrate (s) | reconstruct (s) | reconstruct / calibrate | one-pass reconstruct (s) "
               "| (one-pass − calibrate) / calibrate | prune process peak RSS (GiB) | recover (s) "
