@@ -12,6 +12,7 @@ from test_surgery import random_plan
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from amprune.calibration import AmpStats, CalibrationSet, score_units
+from amprune.cli import main
 from amprune.errors import AmpruneError
 from amprune.models import Dims, UnsupportedModelError, get_family
 from amprune.pipeline import PruneRequest, prune
@@ -360,9 +361,13 @@ def test_prune_one_pass_saves_a_stock_checkpoint_and_its_first_heads_match_the_d
     assert sum(p.numel() for p in flap.model.parameters()) == flap.plan.budget.params_after
 
 
-def test_one_pass_bad_inputs(tmp_path, calib_text):
+def test_one_pass_bad_inputs(tmp_path, calib_text, capsys):
     common = dict(out=None, model=save_tiny(tmp_path / "dense", "llama_gqa"), ratio=0.2, calib=calib_text)
     with pytest.raises(AmpruneError, match="--one-pass scores the layers during reconstruction: pass --reconstruct"):
         prune(PruneRequest(one_pass=True, **common))
+    args = ["--quiet", "prune", "--model", common["model"], "--ratio", "0.2", "--out", str(tmp_path / "o")]
+    assert main([*args, "--one-pass"]) == 2
+    assert "--one-pass scores the layers during reconstruction: pass --reconstruct too" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
     with pytest.raises(AmpruneError, match="--one-pass cannot use --scorer taylor: it needs the whole model's grad"):
         prune(PruneRequest(one_pass=True, reconstruct=True, scorer="taylor", **common))
