@@ -190,19 +190,23 @@ class AmpStats:
         if self.down_moments is not None:
             self.down_moments.add(layer, real_tokens(down_input, self.mask))
 
-    def scores(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(L, H) head scores and (L, I) neuron scores, averaged over samples, on the CPU."""
+    def layer_scores(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(H,) head scores and (I,) neuron scores of one layer, averaged over samples, on the CPU."""
         if self.num_samples == 0:
             raise AmpruneError("no calibration samples were run")
-        heads = (self.head_sums / self.num_samples).cpu()
-        neurons = (self.neuron_sums / self.num_samples).cpu()
-        for layer in range(self.dims.num_layers):
-            if not (torch.isfinite(heads[layer]).all() and torch.isfinite(neurons[layer]).all()):
-                raise AmpruneError(
-                    f"non-finite activations in decoder layer {layer} during calibration; "
-                    "run in float32 (--dtype float32) or check the model weights"
-                )
+        heads = (self.head_sums[layer] / self.num_samples).cpu()
+        neurons = (self.neuron_sums[layer] / self.num_samples).cpu()
+        if not (torch.isfinite(heads).all() and torch.isfinite(neurons).all()):
+            raise AmpruneError(
+                f"non-finite activations in decoder layer {layer} during calibration; "
+                "run in float32 (--dtype float32) or check the model weights"
+            )
         return heads, neurons
+
+    def scores(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L, H) head scores and (L, I) neuron scores, averaged over samples, on the CPU."""
+        rows = [self.layer_scores(layer) for layer in range(self.dims.num_layers)]
+        return torch.stack([heads for heads, _ in rows]), torch.stack([neurons for _, neurons in rows])
 
 
 @contextmanager
@@ -372,8 +376,7 @@ def layer_scores(
     head_in, o_weight, neuron_in, down_weight = _unit_rows(family, layer, dims, grads=False)
     t = LayerTensors(dims.head_dim, head_in, o_weight, neuron_in, down_weight, generator=generator)
     if stats is not None:
-        amp_heads, amp_neurons = stats.scores()
-        t.amp = (amp_heads[index], amp_neurons[index])
+        t.amp = stats.layer_scores(index)
         if stats.o_moments is not None:
             t.o_moments = stats.o_moments.mean_and_square(index)
             t.down_moments = stats.down_moments.mean_and_square(index)
