@@ -79,7 +79,10 @@ def test_reversed_is_worse_than_amp_on_the_fake_metric_shape(tmp_path, calib_tex
 
 
 def test_bad_requests_fail_before_loading(tmp_path, calib_text):
-    with pytest.raises(AmpruneError, match=r"^unknown scorer 'obs'"):
+    with pytest.raises(AmpruneError, match=r"^unknown scorer 'nope'"):
+        run_compare(_request(tmp_path, calib_text, scorers=["amp", "nope"]), fake_evaluate())
+    with pytest.raises(AmpruneError, match=r"^the obs scorer ranks units by the re-fit's own error, on the pruned "
+                       r"model's stream: it runs only in `amprune prune --reconstruct --one-pass`$"):
         run_compare(_request(tmp_path, calib_text, scorers=["amp", "obs"]), fake_evaluate())
     with pytest.raises(AmpruneError, match=r"^--ratio must be in \[0, 1\), got 1.5$"):
         run_compare(_request(tmp_path, calib_text, ratios=[0.2, 1.5]), fake_evaluate())

@@ -371,3 +371,83 @@ def test_one_pass_bad_inputs(tmp_path, calib_text, capsys):
     assert not (tmp_path / "o").exists()
     with pytest.raises(AmpruneError, match="--one-pass cannot use --scorer taylor: it needs the whole model's grad"):
         prune(PruneRequest(one_pass=True, reconstruct=True, scorer="taylor", **common))
+    with pytest.raises(AmpruneError, match=r"^unknown scorer 'nope'; choose from: amp, reversed, random, magnitude, "
+                       r"wanda_sp, flap, obs$"):  # the scorers one pass can run
+        prune(PruneRequest(one_pass=True, reconstruct=True, scorer="nope", **common))
+
+
+def _damped_refit_error(x: torch.Tensor, weight: torch.Tensor, kept: list[int], lam: float) -> float:
+    """Brute force: the least-squares error of re-fitting the columns `kept` of `weight` to x Wᵀ, with the
+    damping λ as √λ·I rows appended to x (the objective the obs scorer's damped Gram matrix describes)."""
+    rows = torch.cat([x, lam**0.5 * torch.eye(x.shape[1], dtype=x.dtype)])
+    target = rows @ weight.T
+    fit = rows[:, kept] @ torch.linalg.lstsq(rows[:, kept], target).solution
+    return (fit - target).pow(2).sum().item()
+
+
+@pytest.mark.parametrize("case", ["llama_gqa", "qwen2", "phi", "gemma3_text"])
+def test_one_pass_obs_removes_the_heads_the_refit_misses_least(case):
+    """`--scorer obs`: layer 0 (the embeddings feed it either way) loses, step by step, the head (or KV
+    group) whose removal leaves the smallest damped re-fit error of the dense o_proj on its inputs — brute
+    force from hooked inputs, one unpadded sample at a time — taking the same number from every KV group."""
+    model, mode, _ = _family_model(case)
+    family = get_family(model.config.model_type)
+    dims = Dims.from_config(family.sizes_config(model.config))
+    units = unit_params(family, family.decoder_layers(model)[0], dims)
+    budget = make_budget(dims, units, sum(p.numel() for p in model.parameters()), mode, None, 0.5, 0.3)
+    calib = _calib([30, 21, 30], seed=2)
+    o_proj = family.o_proj(family.decoder_layers(model)[0])
+    seen: list[torch.Tensor] = []
+    hook = o_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0][0].double()))
+    with torch.no_grad():
+        for sample in calib.samples:
+            model(sample[None], use_cache=False)
+    hook.remove()
+    x, weight = torch.cat(seen), o_proj.weight.detach().double()
+    channels = dims.num_heads * dims.head_dim
+    if o_proj.bias is not None:  # the constant channel: never removed, re-fitted like a column
+        x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+        weight = torch.cat([weight, o_proj.bias.detach().double()[:, None]], 1)
+    lam = 0.01 * x[:, :channels].pow(2).sum(0).mean().item()
+    if mode == "group":
+        unit_heads = [list(range(g * dims.group_size, (g + 1) * dims.group_size)) for g in range(dims.num_kv_heads)]
+        removals, group_of = budget.kv_heads_removed, list(range(dims.num_kv_heads))
+    else:
+        unit_heads = [[h] for h in range(dims.num_heads)]
+        removals, group_of = budget.heads_removed, [h // dims.group_size for h in range(dims.num_heads)]
+    assert removals >= 1
+    removed: list[int] = []
+    for _ in range(removals):  # greedy, round robin over the groups
+        taken = [sum(group_of[r] == group_of[u] for r in removed) for u in range(len(unit_heads))]
+        least = min(taken[u] for u in range(len(unit_heads)) if u not in removed)
+        errors = {}
+        for u in range(len(unit_heads)):
+            if u not in removed and taken[u] == least:
+                gone = {h for r in [*removed, u] for h in unit_heads[r]}
+                kept = [c for c in range(x.shape[1]) if c >= channels or c // dims.head_dim not in gone]
+                errors[u] = _damped_refit_error(x, weight, kept, lam)
+        removed.append(min(errors, key=errors.get))
+    expected = sorted(set(range(dims.num_heads)) - {h for r in removed for h in unit_heads[r]})
+
+    plan = Plan(dims, budget, [])
+    chooser = LayerChooser("obs", dims, budget, None, torch.Generator().manual_seed(0))
+    reconstruct(model, family, plan, calib, batch_size=2, progress=False, chooser=chooser)
+    assert plan.layers[0].heads_kept == expected
+    assert [len(layer.neurons_kept) for layer in plan.layers] == [dims.intermediate_size - budget.neurons_removed] * 2
+    assert sum(p.numel() for p in model.parameters()) == budget.params_after
+
+
+def test_prune_one_pass_obs_saves_a_stock_checkpoint(tmp_path, calib_text):
+    folder = save_tiny(tmp_path / "dense", "llama_gqa")
+    result = prune(PruneRequest(out=str(tmp_path / "pruned"), model=folder, ratio=0.3, calib=calib_text, samples=4,
+                                seq_len=32, progress=False, reconstruct=True, one_pass=True, scorer="obs"))
+    saved = Plan.load(tmp_path / "pruned")
+    assert saved.settings["method"] == "obs" and saved.layers == result.plan.layers
+    for layer in saved.layers:  # the removed units are the lowest scores, in removal order 0, 1, …
+        removed = sorted(set(range(len(layer.neuron_scores))) - set(layer.neurons_kept))
+        assert sorted(layer.neuron_scores[i] for i in removed) == list(range(len(removed)))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
+    probe = torch.randint(4, 100, (1, 12))
+    with torch.no_grad():
+        expected, got = result.model(probe).logits, reloaded(probe).logits
+    assert torch.allclose(got, expected, atol=1e-5), max_diff(got, expected)

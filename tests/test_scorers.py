@@ -16,6 +16,7 @@ from amprune.scoring import (
     flap_compensation,
     flap_scores,
     magnitude_scores,
+    obs_removal_scores,
     taylor_scores,
     wanda_sp_scores,
 )
@@ -188,6 +189,50 @@ def test_random_is_seeded(calib_text):
     assert first[0].shape == (2, 4) and first[1].shape == (2, 40)
 
 
+def _refit_error(x: torch.Tensor, weight: torch.Tensor, size: int, removed: set[int], constant: bool) -> float:
+    """Brute force: the squared error of the best least-squares re-fit of the columns left after `removed`."""
+    units = x.shape[1] // size
+    kept = x[:, [u * size + j for u in range(units) if u not in removed for j in range(size)]]
+    if constant:
+        kept = torch.cat([kept, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    target = x @ weight[:, : x.shape[1]].T + (weight[:, -1] if constant else 0)
+    return (kept @ torch.linalg.lstsq(kept, target).solution - target).pow(2).sum().item()
+
+
+@pytest.mark.parametrize(("size", "constant"), [(3, False), (1, False), (2, True)])
+def test_obs_removes_greedily_what_the_refit_misses_least(size, constant):
+    """Each greedy step removes the unit whose removal leaves the smallest brute-force re-fit error, given the
+    units removed before it; with a bias the constant channel is never removed and re-fitted too."""
+    generator = torch.Generator().manual_seed(size)
+    units = 6
+    x = torch.randn(200, units * size, generator=generator, dtype=torch.float64)
+    x = x @ torch.randn(units * size, units * size, generator=generator, dtype=torch.float64) + 0.3
+    weight = torch.randn(4, units * size + constant, generator=generator, dtype=torch.float64)
+    inputs = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1) if constant else x
+    scores = obs_removal_scores(inputs.T @ inputs, weight, size, 3, fixed=int(constant))
+    order = scores.argsort().tolist()
+    assert sorted(scores.tolist()) == list(range(units))
+    removed: set[int] = set()
+    for unit in order[:3]:
+        errors = {u: _refit_error(x, weight, size, removed | {u}, constant) for u in range(units) if u not in removed}
+        assert unit == min(errors, key=errors.get)
+        removed.add(unit)
+    errors = {u: _refit_error(x, weight, size, removed | {u}, constant) for u in order[3:]}
+    assert order[3:] == sorted(errors, key=errors.get)  # the kept units: by the error of removing them next
+
+
+def test_obs_spreads_removals_evenly_over_groups_and_steps_remove_several():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(100, 8, generator=generator, dtype=torch.float64) * torch.tensor([1e-3, 1e-3, 1e-3, 1, 1, 1, 1, 1])
+    weight = torch.randn(3, 8, generator=generator, dtype=torch.float64)
+    # the three tiny channels are the cheapest to remove; two of them are in group 0, which can give only one
+    scores = obs_removal_scores(x.T @ x, weight, 1, 2, groups=torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]))
+    first, second = scores.argsort()[:2].tolist()
+    assert first in (0, 1, 2) and second >= 4
+    joint = obs_removal_scores(x.T @ x, weight, 1, 3, per_step=3)
+    assert sorted(joint.argsort()[:3].tolist()) == [0, 1, 2]
+
+
 def test_prune_with_a_baseline_scorer(tmp_path, calib_text):
     folder = save_tiny(tmp_path / "tiny", "llama_gqa")
     result = prune(PruneRequest(out=None, model=folder, ratio=0.3, scorer="wanda_sp", calib=calib_text,
@@ -198,6 +243,9 @@ def test_prune_with_a_baseline_scorer(tmp_path, calib_text):
 
 def test_unknown_scorer_fails_before_loading(tmp_path):
     folder = save_tiny(tmp_path / "tiny", "llama_gqa")
-    with pytest.raises(AmpruneError, match=r"^unknown scorer 'obs'; choose from: amp, reversed, random, magnitude, "
+    with pytest.raises(AmpruneError, match=r"^unknown scorer 'nope'; choose from: amp, reversed, random, magnitude, "
                        r"wanda_sp, flap, taylor$"):
-        prune(PruneRequest(out=None, model=folder, ratio=0.3, scorer="obs", calib="no-such-file.txt"))
+        prune(PruneRequest(out=None, model=folder, ratio=0.3, scorer="nope", calib="no-such-file.txt"))
+    with pytest.raises(AmpruneError, match=r"^the obs scorer ranks units by .* it runs only in `amprune prune "
+                       r"--reconstruct --one-pass`$"):
+        prune(PruneRequest(out=None, model=folder, ratio=0.3, scorer="obs", reconstruct=True, calib="no-such.txt"))

@@ -79,7 +79,8 @@ def _add_prune(sub) -> None:
     )
     budget.add_argument(
         "--scorer", choices=SCORERS, default="amp",
-        help="how units are ranked: amp (default) or a baseline (see `amprune compare`)",
+        help="how units are ranked: amp (default), a baseline (see `amprune compare`) or, with --reconstruct "
+        "--one-pass, obs (the units the least-squares re-fit makes up for best)",
     )
     budget.add_argument(
         "--bias-compensation", action="store_true",
@@ -243,8 +244,8 @@ def _add_compare(sub) -> None:
     p.add_argument("--out", required=True, help="folder for compare.json, compare.md and the plots")
     p.add_argument(
         "--scorers", type=_names, default=_names("amp,wanda_sp,flap,magnitude,random"),
-        help=f"comma-separated, from: {', '.join(SCORERS)} (default: amp,wanda_sp,flap,magnitude,random; "
-        "taylor needs a backward pass and gradient memory)",
+        help=f"comma-separated, from: {', '.join(n for n, s in SCORERS.items() if s.needs != 'gram')} (default: "
+        "amp,wanda_sp,flap,magnitude,random; taylor needs a backward pass and gradient memory)",
     )
     p.add_argument("--ratios", type=_fractions, default=[0.1, 0.2, 0.3, 0.5],
                    help="comma-separated fractions of all parameters (default: 0.1,0.2,0.3,0.5)")

@@ -146,9 +146,7 @@ def prune(request: PruneRequest) -> PruneResult:
     budget = target.budget(
         request.gqa_mode, request.ratio, request.head_ratio, request.mlp_ratio, request.round_to
     )
-    check_scorers([request.scorer])
-    if request.one_pass and SCORERS[request.scorer].needs == "gradients":
-        raise AmpruneError(f"--one-pass cannot use --scorer {request.scorer}: it needs the whole model's gradients")
+    check_scorers([request.scorer], request.one_pass)
     if request.out is not None:
         check_output_dir(request.out, request.overwrite)
     device, dtype = resolve_device_dtype(request.device, request.dtype)
@@ -165,9 +163,10 @@ def prune(request: PruneRequest) -> PruneResult:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     chooser = None
     if request.one_pass:  # scored in the reconstruction pass, layer by layer: no calibration pass here
-        needs_moments = SCORERS[request.scorer].needs == "moments"
-        stats = AmpStats(dims, device=device, moments=needs_moments)
-        stats.num_samples = len(calib.samples)
+        needs = SCORERS[request.scorer].needs
+        stats = AmpStats(dims, device=device, moments=needs == "moments") if needs in ("amp", "moments") else None
+        if stats is not None:
+            stats.num_samples = len(calib.samples)
         chooser = LayerChooser(request.scorer, dims, budget, stats, torch.Generator().manual_seed(request.seed))
         layers = []
     else:

@@ -39,7 +39,9 @@ inputs/outputs, plus one projection's statistics.
 
 **One pass** (`LayerChooser`): the plan's rule is per layer, so the units can be chosen inside this
 pass, from each layer's scoring statistics on the pruned stream, and no separate calibration pass over
-the dense model is needed.
+the dense model is needed. The `obs` scorer chooses from the projection's normal equations over all
+its input channels instead (`scoring.obs_removal_scores`): the units whose loss the re-fit makes up
+best go, and the re-fit then reuses the kept channels' part of the same statistics.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from .calibration import AmpStats, CalibrationSet, amp_hooks, batches, layer_sco
 from .models import Dims
 from .models.base import Family
 from .plan import Budget, LayerPlan, Plan, select_units
+from .scoring import SCORERS, obs_removal_scores
 from .surgery import prune_layer, unit_rows, update_config
 
 logger = logging.getLogger(__name__)
@@ -107,6 +110,13 @@ class NormalEquations:
         self.y_sum += y.sum(dim=0).double()
         self.yty += y.double().pow(2).sum().item()
         self.count += x.shape[0]
+
+    def restricted(self, kept: list[int]) -> NormalEquations:
+        """The same statistics for a subset `kept` of this system's kept channels (no pass over the tokens)."""
+        position = {channel: i for i, channel in enumerate(self.kept)}
+        index = torch.tensor([position[channel] for channel in kept], device=self.xtx.device)
+        return NormalEquations(list(kept), self.xtx[index][:, index], self.xty[index], self.x_sum[index],
+                               self.y_sum, self.yty, self.count)
 
     def augmented(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         """G, C and W (out, k[+1]) of the system; with a bias the constant input 1 is one more kept channel."""
@@ -298,6 +308,9 @@ def _refit_block(proj: nn.Linear, eqs: NormalEquations, inputs: list, outputs: l
     return new_outputs, errors
 
 
+OBS_STEPS = 32  # the obs scorer removes a layer's neurons in this many greedy steps (heads one at a time)
+
+
 @dataclass
 class LayerChooser:
     """One-pass mode: chooses every layer's units during reconstruction, on the pruned model's stream.
@@ -307,19 +320,55 @@ class LayerChooser:
     the already pruned and re-fitted layers before it produce, recorded by `stats`' hooks while the
     reconstruction pass runs the dense layer: heads after the attention block, neurons after the MLP
     block (whose input then already reflects the re-fitted attention). No separate calibration pass.
+    The `obs` scorer reads the projection's normal equations instead: the re-fit's own error decides.
     """
 
     scorer: str
     dims: Dims
     budget: Budget
-    stats: AmpStats
+    stats: AmpStats | None  # None if the scorer needs no activation statistics
     generator: torch.Generator
+    damping: float = DEFAULT_DAMPING
 
-    def choose(self, family: Family, layer: nn.Module, index: int) -> LayerPlan:
-        """Layer `index`'s units from its statistics so far (only its heads are final before its MLP ran)."""
-        heads, neurons = layer_scores([self.scorer], family, layer, index, self.dims, self.stats,
-                                      self.generator)[self.scorer]
-        return select_units(heads[None], neurons[None], self.dims, self.budget)[0]
+    def choose(self, family: Family, layer: nn.Module, index: int, proj: nn.Linear, runs: tuple,
+               keep: LayerPlan | None) -> tuple[LayerPlan, NormalEquations]:
+        """Layer `index`'s heads (`keep` None, after the attention block ran), or its neurons added to `keep`.
+
+        `runs` = (inputs, outputs, masks) of the block's output projection `proj`. Returns the layer's
+        plan so far and the normal equations of re-fitting `proj` on the kept input channels.
+        """
+        attention = keep is None
+        system = None
+        if SCORERS[self.scorer].needs == "gram":
+            system = _equations(proj, list(range(proj.in_features)), *runs)
+            scores = self._obs_scores(system, proj, attention)
+            heads = scores if attention else torch.tensor(keep.head_scores, dtype=torch.float64)
+            neurons = torch.zeros(self.dims.intermediate_size, dtype=torch.float64) if attention else scores
+        else:
+            heads, neurons = layer_scores([self.scorer], family, layer, index, self.dims, self.stats,
+                                          self.generator)[self.scorer]
+        chosen = select_units(heads[None], neurons[None], self.dims, self.budget)[0]
+        if not attention:
+            chosen = replace(keep, neurons_kept=chosen.neurons_kept, neuron_scores=chosen.neuron_scores)
+        kept = unit_rows(chosen.heads_kept, self.dims.head_dim) if attention else chosen.neurons_kept
+        return chosen, _equations(proj, kept, *runs) if system is None else system.restricted(kept)
+
+    def _obs_scores(self, system: NormalEquations, proj: nn.Linear, attention: bool) -> torch.Tensor:
+        """Head or neuron scores of `scoring.obs_removal_scores` for this budget, from the damped system."""
+        gram, _, weight = system.augmented(proj.weight, proj.bias)
+        channels = proj.in_features
+        gram = gram + self.damping * gram.diagonal()[:channels].mean() * torch.eye(
+            gram.shape[0], dtype=gram.dtype, device=gram.device)
+        score = partial(obs_removal_scores, gram, weight, fixed=gram.shape[0] - channels)
+        group_size = self.dims.group_size
+        if not attention:
+            removals = self.budget.neurons_removed
+            return score(1, removals, per_step=-(-removals // OBS_STEPS))
+        if self.budget.gqa_mode == "group":  # whole KV groups: every head of a group gets its group's score
+            groups = score(group_size * self.dims.head_dim, self.budget.kv_heads_removed)
+            return groups.repeat_interleave(group_size)
+        groups = torch.arange(self.dims.num_heads) // group_size  # the same number from every KV group
+        return score(self.dims.head_dim, self.budget.heads_removed, groups=groups)
 
 
 @torch.no_grad()
@@ -356,18 +405,21 @@ def reconstruct(
             o_proj, down_proj = family.o_proj(layer), family.down_proj(layer)
             # 1. attention: dense heads on the pruned stream; o_proj re-fitted on the kept heads
             inputs, outputs = _run_block(layer, attention, o_proj, runs, stats)
-            keep = plan.layers[index] if chooser is None else chooser.choose(family, layer, index)
-            eqs = _equations(o_proj, unit_rows(keep.heads_kept, d), inputs, outputs, masks)
+            if chooser is None:
+                keep = plan.layers[index]
+                eqs = _equations(o_proj, unit_rows(keep.heads_kept, d), inputs, outputs, masks)
+            else:
+                keep, eqs = chooser.choose(family, layer, index, o_proj, (inputs, outputs, masks), None)
             attention_out, attention_error = _refit_block(o_proj, eqs, inputs, outputs, damping,
                                                           f"layer {index} {family.o}")
             # 2. MLP: its input comes from the re-fitted attention (replayed, not recomputed)
             with _replaced(layer, family.attention, _Replay(attention_out)):
                 inputs, outputs = _run_block(layer, mlp, down_proj, runs, stats)
-            if chooser is not None:
-                neurons = chooser.choose(family, layer, index)
-                keep = replace(keep, neurons_kept=neurons.neurons_kept, neuron_scores=neurons.neuron_scores)
+            if chooser is None:
+                eqs = _equations(down_proj, keep.neurons_kept, inputs, outputs, masks)
+            else:
+                keep, eqs = chooser.choose(family, layer, index, down_proj, (inputs, outputs, masks), keep)
                 plan.layers.append(keep)
-            eqs = _equations(down_proj, keep.neurons_kept, inputs, outputs, masks)
             mlp_out, mlp_error = _refit_block(down_proj, eqs, inputs, outputs, damping,
                                               f"layer {index} {family.down}")
             del eqs, inputs, outputs

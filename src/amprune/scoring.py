@@ -137,6 +137,88 @@ def taylor_scores(
     return _per_unit(channels, size)
 
 
+def obs_removal_scores(
+    gram: torch.Tensor,
+    weight: torch.Tensor,
+    size: int,
+    removals: int,
+    groups: torch.Tensor | None = None,
+    per_step: int = 1,
+    fixed: int = 0,
+) -> torch.Tensor:
+    """Structured Optimal Brain Surgeon: remove, greedily, the units a least-squares re-fit misses least.
+
+    The output projection y = x Wᵀ loses a unit's input channels S; the best re-fit of the remaining
+    columns on the calibration tokens (Gram matrix G = XᵀX) then leaves the error
+    ΔE = tr(W_S [(G⁻¹)_SS]⁻¹ W_Sᵀ) (Hassibi & Stork's OBS for a block of weights, as ZipLM, Kurtic et al.
+    NeurIPS 2023, and SlimGPT, Ling et al. NeurIPS 2024, apply it to heads and neurons). Each step
+    removes the unit(s) of least ΔE, compensates the remaining columns and downdates G⁻¹, so later
+    choices see the earlier ones. A head's output and a neuron's activation feed only this projection,
+    so ΔE is exactly the re-fit error the layer is left with.
+
+    Args:
+        gram: (C, C) float64, the damped Gram matrix of the projection's input channels; the units own
+            the first C − `fixed` channels, the last `fixed` (the constant channel 1 of a bias) stay.
+        weight: (out, C) float64, the projection's weight (its bias as the column of the constant channel).
+        size: channels per unit (head_dim for a head, 1 for a neuron).
+        removals: how many units to remove.
+        groups: (U,) each unit's group, to spread the removals evenly: a unit can go only while its group
+            has had the fewest removals among the groups with units left (GQA's same count per KV
+            group). None: no constraint.
+        per_step: units removed together per step when `groups` is None (fewer downdates, coarser greed).
+        fixed: trailing channels of `gram` and `weight` that belong to no unit.
+    Returns:
+        (U,) float64 scores whose lowest `removals` are the removed units, in removal order (0, 1, …); the
+        other units follow, ranked by the error of removing each of them next.
+    """
+    units = (gram.shape[0] - fixed) // size
+    ginv = torch.cholesky_inverse(torch.linalg.cholesky(gram))  # symmetric: rows are gathered, not columns
+    wt = weight.T.contiguous()  # (C, out): a unit's channels are rows
+    alive = torch.ones(units, dtype=torch.bool)
+    group_of = torch.arange(units) if groups is None else groups.cpu()
+    taken = torch.zeros(int(group_of.max()) + 1, dtype=torch.long)
+    take = 1 if groups is not None else max(1, per_step)
+    order: list[int] = []
+    while True:
+        errors = _block_removal_errors(ginv, wt, size, units)
+        if len(order) == removals:
+            break
+        least_taken = taken[group_of[alive]].min()
+        eligible = alive & (taken[group_of] == least_taken)
+        candidates = torch.where(eligible, errors, torch.inf)
+        chosen = torch.argsort(candidates)[: min(take, removals - len(order), int(eligible.sum()))]
+        channels = (chosen[:, None] * size + torch.arange(size)).reshape(-1).to(gram.device)
+        rows = ginv.index_select(0, channels)  # (|R|, C) = (G⁻¹)_R·
+        coefficients = torch.linalg.solve(rows[:, channels], rows)  # [(G⁻¹)_RR]⁻¹ (G⁻¹)_R·
+        wt.addmm_(coefficients.T, wt.index_select(0, channels), alpha=-1)  # optimal compensation of the rest
+        ginv.addmm_(rows.T, coefficients, alpha=-1)  # (G⁻¹)_KK − (G⁻¹)_KR [(G⁻¹)_RR]⁻¹ (G⁻¹)_RK; R → 0
+        ginv.index_fill_(0, channels, 0).index_fill_(1, channels, 0)
+        wt.index_fill_(0, channels, 0)
+        alive[chosen] = False
+        taken.index_add_(0, group_of[chosen], torch.ones(len(chosen), dtype=torch.long))
+        order += chosen.tolist()
+    scores = torch.empty(units, dtype=torch.float64)
+    scores[order] = torch.arange(len(order), dtype=torch.float64)
+    rest = torch.where(alive)[0]
+    scores[rest[torch.argsort(errors[rest])]] = torch.arange(len(order), units, dtype=torch.float64)
+    return scores
+
+
+def _block_removal_errors(ginv: torch.Tensor, wt: torch.Tensor, size: int, units: int) -> torch.Tensor:
+    """(U,) ΔE of removing each unit next (`wt`: the weight transposed); inf for units already removed."""
+    n = units * size
+    if size == 1:  # ‖W_j‖² / (G⁻¹)_jj
+        diagonal = ginv.diagonal()[:n]
+        errors = wt[:n].pow(2).sum(dim=1) / torch.where(diagonal > 0, diagonal, 1.0)
+        return torch.where(diagonal > 0, errors, torch.inf).cpu()
+    blocks = ginv[:n, :n].reshape(units, size, units, size).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (U, s, s)
+    dead = blocks.diagonal(dim1=1, dim2=2).sum(dim=1) <= 0
+    blocks = torch.where(dead[:, None, None], torch.eye(size, dtype=blocks.dtype, device=blocks.device), blocks)
+    w_units = wt[:n].reshape(units, size, -1)  # (U, s, out)
+    errors = (torch.linalg.solve(blocks, w_units) * w_units).sum(dim=(1, 2))
+    return torch.where(dead, torch.inf, errors).cpu()
+
+
 @dataclass
 class LayerTensors:
     """Everything a scorer may read about one decoder layer; what it does not need may be None.
@@ -165,11 +247,13 @@ class Scorer:
     """A ranking of heads and neurons, and what calibration must collect for it.
 
     needs: "amp" (AMP statistics), "moments" (per-channel input moments, same forward pass), "gradients"
-    (a backward pass per calibration batch) or None (weights only).
+    (a backward pass per calibration batch), "gram" (the output projections' normal equations on the
+    pruned stream: only inside the one-pass reconstruction, `reconstruct.LayerChooser`, hence no
+    `layer_scores`) or None (weights only).
     """
 
     needs: str | None
-    layer_scores: Callable[[LayerTensors], tuple[torch.Tensor, torch.Tensor]]
+    layer_scores: Callable[[LayerTensors], tuple[torch.Tensor, torch.Tensor]] | None
     source: str
 
 
@@ -212,4 +296,5 @@ SCORERS: dict[str, Scorer] = {
         ),
         "LLM-Pruner first-order Taylor (Ma et al., NeurIPS 2023)",
     ),
+    "obs": Scorer("gram", None, "structured OBS: the least-squares re-fit's error (ZipLM, SlimGPT)"),
 }
