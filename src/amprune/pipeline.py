@@ -200,7 +200,7 @@ def prune(request: PruneRequest) -> PruneResult:
         versions=package_versions(),
     )
     if request.out is not None:
-        saved_model_type(family, config, budget.dims_after(dims))  # fails now, not after surgery, if unsavable
+        saved_model_type(family, config, plan.dims_after)  # fails now, not after surgery, if unsavable
 
     # 4. Surgery, then a forward and a short cached generation to prove the model is consistent.
     tick = time.perf_counter()

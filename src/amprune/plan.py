@@ -269,15 +269,8 @@ class Plan:
 
     @property
     def dims_after(self) -> Dims:
-        first = self.layers[0]
-        return Dims(
-            num_layers=self.dims.num_layers,
-            hidden_size=self.dims.hidden_size,
-            num_heads=len(first.heads_kept),
-            num_kv_heads=len(first.kv_heads_kept),
-            head_dim=self.dims.head_dim,
-            intermediate_size=len(first.neurons_kept),
-        )
+        """Every layer's sizes after surgery (the budget's counts; the layers' keep lists agree with them)."""
+        return self.budget.dims_after(self.dims)
 
     def to_dict(self) -> dict:
         return {
