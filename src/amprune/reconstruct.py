@@ -328,20 +328,20 @@ class LayerChooser:
     budget: Budget
     stats: AmpStats | None  # None if the scorer needs no activation statistics
     generator: torch.Generator
-    damping: float = DEFAULT_DAMPING
 
     def choose(self, family: Family, layer: nn.Module, index: int, proj: nn.Linear, runs: tuple,
-               keep: LayerPlan | None) -> tuple[LayerPlan, NormalEquations]:
+               keep: LayerPlan | None, damping: float) -> tuple[LayerPlan, NormalEquations]:
         """Layer `index`'s heads (`keep` None, after the attention block ran), or its neurons added to `keep`.
 
-        `runs` = (inputs, outputs, masks) of the block's output projection `proj`. Returns the layer's
-        plan so far and the normal equations of re-fitting `proj` on the kept input channels.
+        `runs` = (inputs, outputs, masks) of the block's output projection `proj`; `damping` as for the
+        re-fit. Returns the layer's plan so far and the normal equations of re-fitting `proj` on the kept
+        input channels.
         """
         attention = keep is None
         system = None
         if SCORERS[self.scorer].needs == "gram":
             system = _equations(proj, list(range(proj.in_features)), *runs)
-            scores = self._obs_scores(system, proj, attention)
+            scores = self._obs_scores(system, proj, attention, damping)
             heads = scores if attention else torch.tensor(keep.head_scores, dtype=torch.float64)
             neurons = torch.zeros(self.dims.intermediate_size, dtype=torch.float64) if attention else scores
         else:
@@ -353,11 +353,11 @@ class LayerChooser:
         kept = unit_rows(chosen.heads_kept, self.dims.head_dim) if attention else chosen.neurons_kept
         return chosen, _equations(proj, kept, *runs) if system is None else system.restricted(kept)
 
-    def _obs_scores(self, system: NormalEquations, proj: nn.Linear, attention: bool) -> torch.Tensor:
+    def _obs_scores(self, system: NormalEquations, proj: nn.Linear, attention: bool, damping: float) -> torch.Tensor:
         """Head or neuron scores of `scoring.obs_removal_scores` for this budget, from the damped system."""
         gram, _, weight = system.augmented(proj.weight, proj.bias)
         channels = proj.in_features
-        gram = gram + self.damping * gram.diagonal()[:channels].mean() * torch.eye(
+        gram = gram + damping * gram.diagonal()[:channels].mean() * torch.eye(
             gram.shape[0], dtype=gram.dtype, device=gram.device)
         score = partial(obs_removal_scores, gram, weight, fixed=gram.shape[0] - channels)
         group_size = self.dims.group_size
@@ -409,7 +409,7 @@ def reconstruct(
                 keep = plan.layers[index]
                 eqs = _equations(o_proj, unit_rows(keep.heads_kept, d), inputs, outputs, masks)
             else:
-                keep, eqs = chooser.choose(family, layer, index, o_proj, (inputs, outputs, masks), None)
+                keep, eqs = chooser.choose(family, layer, index, o_proj, (inputs, outputs, masks), None, damping)
             attention_out, attention_error = _refit_block(o_proj, eqs, inputs, outputs, damping,
                                                           f"layer {index} {family.o}")
             # 2. MLP: its input comes from the re-fitted attention (replayed, not recomputed)
@@ -418,7 +418,7 @@ def reconstruct(
             if chooser is None:
                 eqs = _equations(down_proj, keep.neurons_kept, inputs, outputs, masks)
             else:
-                keep, eqs = chooser.choose(family, layer, index, down_proj, (inputs, outputs, masks), keep)
+                keep, eqs = chooser.choose(family, layer, index, down_proj, (inputs, outputs, masks), keep, damping)
                 plan.layers.append(keep)
             mlp_out, mlp_error = _refit_block(down_proj, eqs, inputs, outputs, damping,
                                               f"layer {index} {family.down}")
