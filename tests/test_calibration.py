@@ -11,6 +11,7 @@ from conftest import TINY_CONFIGS, char_tokenizer, tiny_model
 from amprune.calibration import AmpStats, CalibrationSet, amp_hooks, calibration_set, collect_amp_stats
 from amprune.errors import AmpruneError
 from amprune.models import Dims, get_family
+from amprune.recovery import training_windows
 
 
 def _brute_force_scores(model, samples):
@@ -98,6 +99,25 @@ def test_text_samples_are_seeded_windows(calib_text):
         ids = tok(handle.read(), add_special_tokens=False)["input_ids"]
     windows = {tuple(ids[i : i + 32]) for i in range(0, len(ids) - 31, 32)}
     assert all(tuple(s.tolist()) in windows for s in first.samples)  # non-overlapping windows of the text
+
+
+def test_packaged_texts_pool_their_windows():
+    """`--calib c4,wiki`: samples are drawn from the windows of both calibration halves together."""
+    tok = char_tokenizer()
+    c4 = training_windows(tok, "c4", 256)
+    both = training_windows(tok, "c4,wiki", 256)
+    calib = calibration_set("c4,wiki", tok, num_samples=len(c4) + 5, seq_len=256, seed=0)
+    pooled = {tuple(w.tolist()) for w in both}
+    assert all(tuple(s.tolist()) in pooled for s in calib.samples)
+    from_c4 = {tuple(w.tolist()) for w in c4}
+    assert sum(tuple(s.tolist()) not in from_c4 for s in calib.samples) >= 5  # wiki's windows too
+    assert calib.source == "c4,wiki"
+    with pytest.raises(AmpruneError, match=r"^only packaged texts \(c4, wiki\) can be combined with ',', "
+                       r"got 'c4,a\.txt'$"):
+        calibration_set("c4,a.txt", tok, num_samples=1, seq_len=8, seed=0)
+    with pytest.raises(AmpruneError, match=f"^calibration text 'c4,wiki' has .* tokens, too short for --samples "
+                       f"{len(both) + 1} × --seq-len 256"):
+        calibration_set("c4,wiki", tok, num_samples=len(both) + 1, seq_len=256, seed=0)
 
 
 def test_jsonl_records_are_samples(tmp_path):

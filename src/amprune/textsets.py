@@ -16,6 +16,8 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
+import torch
+
 from .errors import AmpruneError
 
 PACKAGE = "exllamav2"
@@ -56,3 +58,15 @@ def packaged_text(name: str, part: str) -> str:
     half = len(docs) // 2
     chosen = docs[:half] if part == "calibration" else docs[half:]
     return "\n\n".join(chosen)
+
+
+def token_windows(tokenizer, texts: list[str], seq_len: int) -> tuple[torch.Tensor, int]:
+    """(windows, seq_len) non-overlapping token windows of every text in turn (each text's tail is dropped),
+    and the texts' total token count."""
+    windows, tokens = [], 0
+    for text in texts:
+        ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        tokens += len(ids)
+        count = len(ids) // seq_len
+        windows.append(ids[: count * seq_len].view(count, seq_len))
+    return torch.cat(windows), tokens
