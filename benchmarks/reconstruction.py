@@ -224,6 +224,7 @@ def report(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ratios", default="0.3,0.5,0.2,0.1", help="pruning ratios, in this order")
+    parser.add_argument("--calib", default="c4", help="calibration text, `amprune prune --calib` (default: c4)")
     parser.add_argument("--samples", type=int, default=48, help="calibration samples of 512 tokens (default: 48)")
     parser.add_argument("--max-steps", type=int,
                         help="LoRA recovery steps of 512 tokens; 0: no recovery (default: the full --epochs)")
@@ -293,8 +294,9 @@ def main() -> None:
         steps = results["steps"][str(ratio)] = {}
         for build in builds(args):
             variant, flags = BUILDS[build]
-            steps[variant] = run_step(["prune", "--ratio", str(ratio), "--samples", str(args.samples), "--reconstruct",
-                                       *flags, "--out", str(work / f"{build}-{ratio}"), "--overwrite"])
+            steps[variant] = run_step(["prune", "--ratio", str(ratio), "--calib", args.calib, "--samples",
+                                       str(args.samples), "--reconstruct", *flags,
+                                       "--out", str(work / f"{build}-{ratio}"), "--overwrite"])
             save()
         bound = [] if args.max_steps is None else ["--max-steps", str(args.max_steps)]
         for build, kind in recoveries(args):
