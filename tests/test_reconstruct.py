@@ -433,6 +433,8 @@ def test_one_pass_obs_removes_the_heads_the_refit_misses_least(case):
     chooser = LayerChooser("obs", dims, budget, None, torch.Generator().manual_seed(0))
     reconstruct(model, family, plan, calib, batch_size=2, progress=False, chooser=chooser)
     assert plan.layers[0].heads_kept == expected
+    for step, unit in enumerate(removed):  # the plan's scores are the removal order
+        assert [plan.layers[0].head_scores[h] for h in unit_heads[unit]] == [step] * len(unit_heads[unit])
     assert [len(layer.neurons_kept) for layer in plan.layers] == [dims.intermediate_size - budget.neurons_removed] * 2
     assert sum(p.numel() for p in model.parameters()) == budget.params_after
 
