@@ -231,6 +231,10 @@ def test_obs_spreads_removals_evenly_over_groups_and_steps_remove_several():
     assert first in (0, 1, 2) and second >= 4
     joint = obs_removal_scores(x.T @ x, weight, 1, 3, per_step=3)
     assert sorted(joint.argsort()[:3].tolist()) == [0, 1, 2]
+    transposed = weight.T.contiguous().T  # a view whose transpose is contiguous: must still not be written to
+    gram = x.T @ x
+    obs_removal_scores(gram, transposed, 1, 3)
+    assert torch.equal(transposed, weight) and torch.equal(gram, x.T @ x)
 
 
 def test_prune_with_a_baseline_scorer(tmp_path, calib_text):

@@ -173,7 +173,7 @@ def obs_removal_scores(
     """
     units = (gram.shape[0] - fixed) // size
     ginv = torch.cholesky_inverse(torch.linalg.cholesky(gram))  # symmetric: rows are gathered, not columns
-    wt = weight.T.contiguous()  # (C, out): a unit's channels are rows
+    wt = weight.T.clone(memory_format=torch.contiguous_format)  # (C, out), a copy: a unit's channels are rows
     alive = torch.ones(units, dtype=torch.bool)
     group_of = torch.arange(units) if groups is None else groups.cpu()
     taken = torch.zeros(int(group_of.max()) + 1, dtype=torch.long)
