@@ -314,22 +314,24 @@ def _unit_rows(family: Family, layer: torch.nn.Module, dims: Dims, grads: bool):
     return head_in, get(family.o_proj(layer)), neuron_in, get(family.down_proj(layer))
 
 
-def check_scorers(scorers: list[str], one_pass: bool = False) -> None:
-    """Fail with the list of choices if a scorer name is unknown, or if it cannot run in this mode.
+def usable_scorers(one_pass: bool = False) -> list[str]:
+    """The scorers a mode can run. `one_pass`: scored inside the reconstruction pass (`prune --reconstruct
+    --one-pass`), which has no whole-model gradients; only that pass has the pruned stream's normal equations."""
+    excluded = "gradients" if one_pass else "gram"
+    return [name for name, scorer in SCORERS.items() if scorer.needs != excluded]
 
-    `one_pass`: scored inside the reconstruction pass (`prune --reconstruct --one-pass`), not in a
-    calibration pass over the dense model.
-    """
+
+def check_scorers(scorers: list[str], one_pass: bool = False) -> None:
+    """Fail with the list of choices if a scorer name is unknown, or if it cannot run in this mode."""
+    usable = usable_scorers(one_pass)
     unknown = [name for name in scorers if name not in SCORERS]
     if unknown:
-        usable = [name for name, scorer in SCORERS.items() if scorer.needs != ("gradients" if one_pass else "gram")]
         raise AmpruneError(f"unknown scorer '{unknown[0]}'; choose from: {', '.join(usable)}")
-    for name in scorers:
-        if one_pass and SCORERS[name].needs == "gradients":
+    for name in (name for name in scorers if name not in usable):
+        if one_pass:
             raise AmpruneError(f"--one-pass cannot use --scorer {name}: it needs the whole model's gradients")
-        if not one_pass and SCORERS[name].needs == "gram":
-            raise AmpruneError(f"the {name} scorer ranks units by the re-fit's own error, on the pruned model's "
-                               "stream: it runs only in `amprune prune --reconstruct --one-pass`")
+        raise AmpruneError(f"the {name} scorer ranks units by the re-fit's own error, on the pruned model's "
+                           "stream: it runs only in `amprune prune --reconstruct --one-pass`")
 
 
 def score_units(

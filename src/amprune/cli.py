@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .calibration import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
+from .calibration import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, usable_scorers
 from .errors import AmpruneError
 from .models import FAMILIES
 from .plan import GQA_MODES
@@ -245,8 +245,8 @@ def _add_compare(sub) -> None:
     p.add_argument("--out", required=True, help="folder for compare.json, compare.md and the plots")
     p.add_argument(
         "--scorers", type=_names, default=_names("amp,wanda_sp,flap,magnitude,random"),
-        help=f"comma-separated, from: {', '.join(n for n, s in SCORERS.items() if s.needs != 'gram')} (default: "
-        "amp,wanda_sp,flap,magnitude,random; taylor needs a backward pass and gradient memory)",
+        help=f"comma-separated, from: {', '.join(usable_scorers())} (default: amp,wanda_sp,flap,magnitude,random; "
+        "taylor needs a backward pass and gradient memory)",
     )
     p.add_argument("--ratios", type=_fractions, default=[0.1, 0.2, 0.3, 0.5],
                    help="comma-separated fractions of all parameters (default: 0.1,0.2,0.3,0.5)")
