@@ -135,6 +135,19 @@ class NormalEquations:
         return max(squared.item(), 0.0) / max(self.yty, 1e-300)
 
 
+NOT_FINITE = "the kept input channels are all zero or not finite on the calibration tokens"
+
+
+def damped(gram: torch.Tensor, channels: int, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """G + λI and λ = damping · the mean of G's diagonal over its first `channels` (the input channels: a
+    bias's constant channel stays out of the mean). The re-fit and the obs scorer solve the same system."""
+    scale = gram.diagonal()[:channels].mean()
+    if not torch.isfinite(gram).all() or scale <= 0:
+        raise IllConditionedError(NOT_FINITE)
+    lam = damping * scale
+    return gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device), lam
+
+
 def refit(
     weight: torch.Tensor, bias: torch.Tensor | None, eqs: NormalEquations, damping: float = DEFAULT_DAMPING
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -155,11 +168,9 @@ def refit(
     """
     k = len(eqs.kept)
     g, c, w_k = eqs.augmented(weight[:, eqs.kept], bias)
-    scale = g.diagonal()[:k].mean()
-    if not (torch.isfinite(g).all() and torch.isfinite(c).all()) or scale <= 0:
-        raise IllConditionedError("the kept input channels are all zero or not finite on the calibration tokens")
-    lam = damping * scale
-    system = g + lam * torch.eye(g.shape[0], dtype=torch.float64, device=g.device)
+    if not torch.isfinite(c).all():
+        raise IllConditionedError(NOT_FINITE)
+    system, lam = damped(g, k, damping)
     factor, info = torch.linalg.cholesky_ex(system)
     if info.item() != 0:
         raise IllConditionedError("the normal equations are singular")
@@ -357,8 +368,7 @@ class LayerChooser:
         """Head or neuron scores of `scoring.obs_removal_scores` for this budget, from the damped system."""
         gram, _, weight = system.augmented(proj.weight, proj.bias)
         channels = proj.in_features
-        gram = gram + damping * gram.diagonal()[:channels].mean() * torch.eye(
-            gram.shape[0], dtype=gram.dtype, device=gram.device)
+        gram, _ = damped(gram, channels, damping)
         score = partial(obs_removal_scores, gram, weight, fixed=gram.shape[0] - channels)
         group_size = self.dims.group_size
         if not attention:
