@@ -115,8 +115,8 @@ def table(results: dict) -> str:
         for variant, run in steps.items():
             step = "recover" if "recover" in run["steps_s"] else "reconstruct"
             seconds = run["steps_s"][step]
-            extra = "—" if step == "recover" else seconds / calibrate - ("calibrate" not in run["steps_s"])
-            extra = extra if extra == "—" else f"{extra:.2f}"  # one-pass: its pass replaces the calibration pass
+            # a one-pass build has no calibration pass: its reconstruction replaces that pass
+            extra = "—" if step == "recover" else f"{seconds / calibrate - ('calibrate' not in run['steps_s']):.2f}"
             lines.append(f"| {float(ratio):.0%} | {variant} | {step} | {seconds:.0f} | {extra} | "
                          f"{run['peak_rss_bytes'] / 2**30:.2f} |")
     return "\n".join(lines)
@@ -164,10 +164,15 @@ def recoveries(args) -> list[tuple[str, str]]:
     return [(build, kind) for build in args.recover_from.split(",") for kind in kinds]
 
 
+def recovery_variant(build: str, kind: str) -> str:
+    """The variant name of recovery `kind` from build `build`, e.g. amp+rec+lora."""
+    return f"{BUILDS[build][0]}+{kind}"
+
+
 def variant_names(args) -> dict[str, str]:
     """Folder prefix → variant name, for every checkpoint a run with these arguments makes."""
     names = {build: BUILDS[build][0] for build in builds(args)}
-    return names | {f"{build}-{kind}": f"{BUILDS[build][0]}+{kind}" for build, kind in recoveries(args)}
+    return names | {f"{build}-{kind}": recovery_variant(build, kind) for build, kind in recoveries(args)}
 
 
 def model_folders(args, work: Path, ratios: list[float], dense_source: str) -> dict[str, tuple[str, str | None]]:
@@ -300,7 +305,7 @@ def main() -> None:
             save()
         bound = [] if args.max_steps is None else ["--max-steps", str(args.max_steps)]
         for build, kind in recoveries(args):
-            steps[f"{BUILDS[build][0]}+{kind}"] = run_step([
+            steps[recovery_variant(build, kind)] = run_step([
                 "recover", "--model", str(work / f"{build}-{ratio}"), "--out", str(work / f"{build}-{kind}-{ratio}"),
                 *RECOVERIES[kind], "--epochs", str(args.epochs), "--text", args.recover_text, *bound, "--overwrite"])
             save()
