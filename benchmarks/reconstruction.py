@@ -188,6 +188,12 @@ def model_folders(args, work: Path, ratios: list[float], dense_source: str) -> d
     return folders
 
 
+def zero_shot_variants(args) -> list[str]:
+    """The variants the zero-shot phase evaluates (beside the dense model): all, or `--zero-shot-models`."""
+    names = {"amp": "amp"} | variant_names(args)
+    return [names[prefix] for prefix in (args.zero_shot_models.split(",") if args.zero_shot_models else names)]
+
+
 def zero_shot_phase(args, work: Path, ratios: list[float], dense_source: str) -> None:
     """amp5 for every model as its checkpoints appear (another process may still be making them), until
     `--deadline`; results accumulate in `--zero-shot-out`."""
@@ -195,9 +201,11 @@ def zero_shot_phase(args, work: Path, ratios: list[float], dense_source: str) ->
     done = json.loads(path.read_text()) if path.exists() else {"limit": args.limit, "amp5": {}}
     done["command"] = "python benchmarks/reconstruction.py " + " ".join(sys.argv[1:])
     while not past(args.deadline):
-        todo = [n for n in model_folders(args, work, ratios, dense_source).items() if n[0] not in done["amp5"]]
+        variants = zero_shot_variants(args)
+        todo = [(name, source) for name, source in model_folders(args, work, ratios, dense_source).items()
+                if name not in done["amp5"] and (name == "dense" or name.split("@")[0] in variants)]
         if not todo:
-            expected = {"dense"} | {f"{v}@{r}" for v in ["amp", *variant_names(args).values()] for r in ratios}
+            expected = {"dense"} | {f"{v}@{r}" for v in variants for r in ratios}
             if expected <= done["amp5"].keys():
                 return
             time.sleep(60)
@@ -247,6 +255,9 @@ def main() -> None:
     parser.add_argument("--ppl-windows", type=int, default=8, help="perplexity windows per text (default: 8)")
     parser.add_argument("--ppl-seq-len", type=int, default=512, help="perplexity window length (default: 512)")
     parser.add_argument("--limit", type=int, default=50, help="zero-shot documents per task (default: 50)")
+    parser.add_argument("--zero-shot-models", default="",
+                        help="zero-shot: only these models beside the dense one, comma-separated folder prefixes "
+                        "(amp, rec, rec1, obs1, BUILD-lora, ...; default: all)")
     parser.add_argument("--ratio-deadline", help="UTC time (HH:MM) after which no new ratio starts")
     parser.add_argument("--deadline", help="UTC time (HH:MM) after which no zero-shot run starts")
     parser.add_argument("--work", default="/tmp/amprune-reconstruction", help="folder for the checkpoints")
@@ -265,6 +276,10 @@ def main() -> None:
     unknown = set(args.recover_from.split(",")) - set(builds(args))
     if unknown:
         parser.error(f"--recover-from {','.join(sorted(unknown))}: not built in this run (builds: {builds(args)})")
+    unknown = set(filter(None, args.zero_shot_models.split(","))) - {"amp", *variant_names(args)}
+    if unknown:
+        parser.error(f"--zero-shot-models {','.join(sorted(unknown))}: not made in this run "
+                     f"(models: amp, {', '.join(variant_names(args))})")
     dense_source = resolve_model(None)
     if args.phase == "zero-shot":
         return zero_shot_phase(args, work, ratios, dense_source)
