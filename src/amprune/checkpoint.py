@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -110,13 +111,25 @@ def save_checkpoint(
 
 
 def save_and_verify(
-    model, tokenizer, plan: Plan | None, family: Family, out: str | Path, overwrite: bool, probe: torch.Tensor | None
-) -> Path:
-    """`save_checkpoint`, then (unless `probe` is None) `verify_reload` on `probe`, logging the difference."""
+    model,
+    tokenizer,
+    plan: Plan | None,
+    family: Family,
+    out: str | Path | None,
+    overwrite: bool,
+    probe: torch.Tensor | None,
+    seconds: dict[str, float],
+) -> Path | None:
+    """Unless `out` is None: `save_checkpoint`, then (unless `probe` is None) `verify_reload` on `probe`,
+    logging the difference; the time both take goes to seconds["save"]."""
+    if out is None:
+        return None
+    tick = time.perf_counter()
     saved = save_checkpoint(model, tokenizer, plan, family, out, overwrite)
     if probe is not None:
         diff = verify_reload(model, saved, probe)
         logger.info("reloaded %s with stock from_pretrained: max logit diff %.2g", saved, diff)
+    seconds["save"] = time.perf_counter() - tick
     return saved
 
 

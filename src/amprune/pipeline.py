@@ -221,13 +221,9 @@ def prune(request: PruneRequest) -> PruneResult:
         raise RuntimeError(f"surgery left {pruned_params} parameters, the plan expected {budget.params_after}")
 
     # 5. Save atomically and check that stock transformers reloads the same model.
-    out = None
-    if request.out is not None:
-        tick = time.perf_counter()
-        out = save_and_verify(
-            model, tokenizer, plan, family, request.out, request.overwrite, probe if request.verify else None
-        )
-        seconds["save"] = time.perf_counter() - tick
+    out = save_and_verify(
+        model, tokenizer, plan, family, request.out, request.overwrite, probe if request.verify else None, seconds
+    )
     seconds["total"] = time.perf_counter() - started
     logger.debug("plan settings: %s", asdict(budget))
     return PruneResult(model, tokenizer, plan, out, seconds, peak_memory_bytes())

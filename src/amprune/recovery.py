@@ -247,12 +247,8 @@ def recover(request: RecoverRequest) -> RecoverResult:
         plan.settings["recovery"] = settings
 
     # 4. Save atomically (plan carried over) and check that stock transformers reloads the same model.
-    out = None
-    if request.out is not None:
-        tick = time.perf_counter()
-        out = save_and_verify(
-            model, tokenizer, plan, family, request.out, request.overwrite, probe if request.verify else None
-        )
-        seconds["save"] = time.perf_counter() - tick
+    out = save_and_verify(
+        model, tokenizer, plan, family, request.out, request.overwrite, probe if request.verify else None, seconds
+    )
     seconds["total"] = time.perf_counter() - started
     return RecoverResult(model, tokenizer, plan, out, losses, seconds, peak_memory_bytes())
