@@ -21,6 +21,7 @@ from pathlib import Path
 from reconstruction import ROOT, load, machine, run_step
 
 from amprune.evaluation import perplexity
+from amprune.models.loading import resolve_model
 from amprune.plan import Plan
 
 
@@ -48,10 +49,12 @@ def main() -> None:
     parser.add_argument("--ranks", default="8", help="LoRA ranks, comma-separated; alpha = 2 × rank (default: 8)")
     parser.add_argument("--ppl-windows", type=int, default=8, help="perplexity windows per text (default: 8)")
     parser.add_argument("--work", default="/tmp/amprune-recovery", help="folder for the recovered checkpoints")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse recovered checkpoints already in --work (their recovery time is not measured)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "recovery.json"))
     args = parser.parse_args()
     plan = Plan.load(args.model)
-    dense_source = plan.settings["model"]
+    dense_source = resolve_model(plan.settings["model"])
     results: dict = {
         "meta": {"command": "python benchmarks/recovery.py " + " ".join(sys.argv[1:]), "machine": machine(),
                  "date": time.strftime("%Y-%m-%d"), "settings": vars(args)},
@@ -75,7 +78,8 @@ def main() -> None:
         folder = str(Path(args.work) / f"lr{lr}-r{rank}")
         flags = ["--text", args.text, "--max-steps", str(args.max_steps), "--lr", lr, "--rank", rank,
                  "--alpha", str(2 * int(rank))]
-        run = run_step(["recover", "--model", args.model, "--out", folder, *flags, "--overwrite"])
+        reuse = args.resume and (Path(folder) / "config.json").is_file()  # saved atomically: present = complete
+        run = None if reuse else run_step(["recover", "--model", args.model, "--out", folder, *flags, "--overwrite"])
         runs[f"+lora lr {lr} rank {rank}"] = folder, {"lr": float(lr), "rank": int(rank), "run": run}
     for name, folder in (("dense", dense_source), ("pruned", args.model)):
         results["models"][name] = {}
