@@ -94,6 +94,16 @@ def load(folder: str, plan_from: str | None = None):
     return model, load_tokenizer(folder)
 
 
+def perplexities(model, tokenizer, windows: int, seq_len: int) -> dict[str, float]:
+    """ppl_wiki and ppl_c4: perplexity on `windows` windows of `seq_len` tokens of each evaluation half."""
+    return {
+        f"ppl_{source}": perplexity(
+            model, tokenizer, source=source, seq_len=seq_len, max_windows=windows, progress=False
+        )["ppl"]
+        for source in ("wiki", "c4")
+    }
+
+
 def table(results: dict) -> str:
     def cell(entry: dict, key: str, digits: int = 2, scale: float = 1.0) -> str:
         return f"{scale * entry[key]:.{digits}f}" if key in entry else "—"
@@ -188,9 +198,14 @@ def model_folders(args, work: Path, ratios: list[float], dense_source: str) -> d
     return folders
 
 
+def model_names(args) -> dict[str, str]:
+    """Folder prefix → variant name for every pruned model of a run, plain AMP ("amp") included."""
+    return {"amp": "amp"} | variant_names(args)
+
+
 def zero_shot_variants(args) -> list[str]:
     """The variants the zero-shot phase evaluates (beside the dense model): all, or `--zero-shot-models`."""
-    names = {"amp": "amp"} | variant_names(args)
+    names = model_names(args)
     return [names[prefix] for prefix in (args.zero_shot_models.split(",") if args.zero_shot_models else names)]
 
 
@@ -200,8 +215,8 @@ def zero_shot_phase(args, work: Path, ratios: list[float], dense_source: str) ->
     path = Path(args.zero_shot_out)
     done = json.loads(path.read_text()) if path.exists() else {"limit": args.limit, "amp5": {}}
     done["command"] = "python benchmarks/reconstruction.py " + " ".join(sys.argv[1:])
+    variants = zero_shot_variants(args)
     while not past(args.deadline):
-        variants = zero_shot_variants(args)
         todo = [(name, source) for name, source in model_folders(args, work, ratios, dense_source).items()
                 if name not in done["amp5"] and (name == "dense" or name.split("@")[0] in variants)]
         if not todo:
@@ -276,10 +291,10 @@ def main() -> None:
     unknown = set(args.recover_from.split(",")) - set(builds(args))
     if unknown:
         parser.error(f"--recover-from {','.join(sorted(unknown))}: not built in this run (builds: {builds(args)})")
-    unknown = set(filter(None, args.zero_shot_models.split(","))) - {"amp", *variant_names(args)}
+    unknown = set(filter(None, args.zero_shot_models.split(","))) - model_names(args).keys()
     if unknown:
         parser.error(f"--zero-shot-models {','.join(sorted(unknown))}: not made in this run "
-                     f"(models: amp, {', '.join(variant_names(args))})")
+                     f"(models: {', '.join(model_names(args))})")
     dense_source = resolve_model(None)
     if args.phase == "zero-shot":
         return zero_shot_phase(args, work, ratios, dense_source)
@@ -296,11 +311,7 @@ def main() -> None:
 
     def measure_ppl(name: str) -> None:
         model, tokenizer = load(*model_folders(args, work, ratios, dense_source)[name])
-        for source in ("wiki", "c4"):
-            results["models"][name][f"ppl_{source}"] = perplexity(
-                model, tokenizer, source=source, seq_len=args.ppl_seq_len, max_windows=args.ppl_windows,
-                progress=False,
-            )["ppl"]
+        results["models"][name] |= perplexities(model, tokenizer, args.ppl_windows, args.ppl_seq_len)
         print(name, results["models"][name], flush=True)
         save()
 

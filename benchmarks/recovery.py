@@ -18,9 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from reconstruction import ROOT, load, machine, run_step
+from reconstruction import ROOT, load, machine, perplexities, run_step
 
-from amprune.evaluation import perplexity
 from amprune.models.loading import resolve_model
 from amprune.plan import Plan
 
@@ -65,11 +64,7 @@ def main() -> None:
     Path(args.work).mkdir(parents=True, exist_ok=True)
 
     def measure_ppl(name: str, folder: str) -> None:
-        model, tokenizer = load(folder)
-        for source in ("wiki", "c4"):
-            results["models"][name][f"ppl_{source}"] = perplexity(
-                model, tokenizer, source=source, seq_len=512, max_windows=args.ppl_windows, progress=False
-            )["ppl"]
+        results["models"][name] |= perplexities(*load(folder), args.ppl_windows, 512)
         print(name, results["models"][name], flush=True)
         out.write_text(json.dumps(results, indent=1) + "\n")
 
