@@ -1,19 +1,20 @@
 """Speed and memory of AMP-pruned SmolLM2-135M-Instruct against the dense model (docs/RESULTS.md, bench).
 
-1. Prune the packaged SmolLM2 at 20 % and 30 % in both GQA modes (C4 calibration, 16 × 256 tokens),
-   plus one 30 % variant whose kept neuron count is rounded to a multiple of 64 (896 instead of 886),
-   to see whether GEMM-friendly widths matter on this CPU. Existing folders under --work are reused.
-2. `amprune.benchmark.bench` in two passes, every model in the same process, alternating per round:
-   - *target*: prefill b8 ×128 only, dense vs the three 30 % models, more rounds (issue 7's target);
+1. Prune the packaged SmolLM2 at 20 % and 30 % in both GQA modes (C4 calibration, 16 × 256 tokens: only
+   the shapes matter for speed), plus the 30 % query-mode plan with `round_to` 8 and 64 (kept neurons a
+   multiple of 8 or 64: 888 and 896 instead of 886), to see what GEMM-friendly widths are worth.
+   Existing folders under --work are reused.
+2. `amprune.benchmark.bench`, every model in the same process, alternating per round, the issue's
+   protocol by default (10 warm-up + 20 timed rounds):
+   - *target*: prefill b8 ×128 only, dense vs the four 30 % query/group models (issue 7's target);
    - *protocol*: dense vs the four 20/30 % models; generation 12+128 (batch 1), prefill ×128 at batch
-     1, 8 and 32, peak memory. Few rounds: this 2-core machine is shared, see docs/RESULTS.md;
-   - *latency* (optional): the generation 12+128 of the protocol pass alone, with more rounds.
+     1, 8 and 32, peak memory.
 3. *widths*: the MLP's GEMMs alone (gate/up: 1024×576 @ 576×I, down: 1024×I @ I×576, i.e. prefill b8
-   ×128) at the kept neuron counts of the plans and their multiples-of-64 neighbours, time per neuron
-   relative to the dense 1536, rounds alternating.
-4. Print the tables and Markdown tables for docs/RESULTS.md; write JSON and PNG under --work.
+   ×128) at the kept neuron counts of the plans and their rounded neighbours, time per neuron relative to
+   the dense 1536, rounds alternating.
+4. Print the tables and Markdown tables for docs/RESULTS.md; write JSON and PNG under --results.
 
-Usage: nohup nice -n 5 python benchmarks/bench_speed.py --work /tmp/bench-speed > /tmp/bench_speed.log 2>&1 &
+Usage: nohup python benchmarks/bench_speed.py > /tmp/bench_speed.log 2>&1 &   (on an otherwise idle machine)
 """
 
 from __future__ import annotations
@@ -36,12 +37,13 @@ VARIANTS = {  # folder name → how it is pruned
     "amp20-group": dict(ratio=0.2, gqa_mode="group"),
     "amp30-query": dict(ratio=0.3, gqa_mode="query"),
     "amp30-group": dict(ratio=0.3, gqa_mode="group"),
-    # 30 % query keeps 6 of 9 heads and 886 neurons; this keeps 6 heads and 896 = 14·64 neurons (30.0 → 29.6 %).
-    "amp30-query-r64": dict(head_ratio=1 / 3, mlp_ratio=(INTERMEDIATE - 896) / INTERMEDIATE, gqa_mode="query"),
+    # 30 % query keeps 6 of 9 heads and 886 neurons; these keep a multiple of 8 / 64 neurons (`--round-to`).
+    "amp30-query-r8": dict(ratio=0.3, gqa_mode="query", round_to=8),
+    "amp30-query-r64": dict(ratio=0.3, gqa_mode="query", round_to=64),
 }
-TARGET = ("amp30-query", "amp30-group", "amp30-query-r64")
+TARGET = ("amp30-query", "amp30-group", "amp30-query-r8", "amp30-query-r64")
 PROTOCOL = ("amp20-query", "amp20-group", "amp30-query", "amp30-group")
-WIDTHS = (1536, 1188, 1152, 1145, 960, 928, 896, 886)  # dense; plans' kept neurons; multiples of 64
+WIDTHS = (1536, 1188, 1145, 1144, 928, 896, 888, 886)  # dense; the plans' kept neurons and their roundings
 
 
 def prune_all(work: Path) -> dict[str, str]:
@@ -101,6 +103,10 @@ def markdown(result: dict) -> str:
             else:
                 rest = "1 | 1 | 1 | —"
             lines.append(f"| {head} | {work['name']} | {entry['tokens_per_s']:,.1f} | {rest} |")
+            if "decode" in entry:  # a generation's cached steps alone
+                d = entry["decode"].get("speedup")
+                rest = f"{d['median']:.3f}× [{d['p25']:.3f}–{d['p75']:.3f}] | | |" if d else "1 | | |"
+                lines.append(f"| {head} | decode steps | {entry['decode']['tokens_per_s']:,.1f} | {rest} |")
     return "\n".join(lines)
 
 
@@ -112,41 +118,35 @@ def print_widths(widths: dict[str, dict[int, float]]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", default="/tmp/bench-speed", help="folder for pruned models, JSON and PNG")
+    parser.add_argument("--work", default="/tmp/bench-speed", help="folder for the pruned models")
+    parser.add_argument("--results", default="docs/bench", help="folder for JSON and PNG (default: docs/bench)")
     parser.add_argument("--passes", default="target,widths,protocol", help="which passes, in order (default: all)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds per pass (default: 1)")
-    parser.add_argument("--runs", type=int, default=3, help="timed rounds, protocol pass (default: 3)")
-    parser.add_argument("--target-runs", type=int, default=10, help="timed rounds, target pass (default: 10)")
-    parser.add_argument("--latency-runs", type=int, default=5, help="timed rounds, latency pass (default: 5)")
-    parser.add_argument("--prompt-len", type=int, default=128, help="prefill length, protocol pass (default: 128)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed rounds per workload (default: 10)")
+    parser.add_argument("--runs", type=int, default=20, help="timed rounds per workload (default: 20)")
+    parser.add_argument("--prompt-len", type=int, default=128, help="prefill length (default: 128)")
     parser.add_argument("--gemm-rounds", type=int, default=30, help="timed rounds of the widths pass (default: 30)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
-    work = Path(args.work)
+    work, results = Path(args.work), Path(args.results)
     work.mkdir(parents=True, exist_ok=True)
+    results.mkdir(parents=True, exist_ok=True)
     folders = prune_all(work)
 
+    common = dict(prompt_len=args.prompt_len, warmup=args.warmup, runs=args.runs, threads=args.threads)
     requests = {
         "target": BenchRequest(
-            models=[folders[name] for name in TARGET], out=str(work / "target.json"), png=str(work / "target.png"),
-            batch_sizes=[8], new_tokens=0, warmup=args.warmup, runs=args.target_runs, memory=False,
-            threads=args.threads,
-        ),
-        "latency": BenchRequest(  # the paper's protocol alone, with more rounds than the protocol pass
-            models=[folders[name] for name in PROTOCOL], out=str(work / "latency.json"),
-            png=str(work / "latency.png"), prompt_len=args.prompt_len, batch_sizes=[1], warmup=args.warmup,
-            runs=args.latency_runs, memory=False, threads=args.threads,
+            models=[folders[name] for name in TARGET], out=str(results / "target.json"),
+            png=str(results / "target.png"), batch_sizes=[8], new_tokens=0, memory=False, **common,
         ),
         "protocol": BenchRequest(
-            models=[folders[name] for name in PROTOCOL], out=str(work / "protocol.json"),
-            png=str(work / "protocol.png"), prompt_len=args.prompt_len, warmup=args.warmup, runs=args.runs,
-            threads=args.threads,
+            models=[folders[name] for name in PROTOCOL], out=str(results / "protocol.json"),
+            png=str(results / "protocol.png"), **common,
         ),
     }
     for name in args.passes.split(","):
         if name == "widths":
             widths = gemm_widths(args.gemm_rounds, args.threads)
-            (work / "widths.json").write_text(json.dumps(widths, indent=2) + "\n")
+            (results / "widths.json").write_text(json.dumps(widths, indent=2) + "\n")
             print_widths(widths)
             continue
         result = bench(requests[name])

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import save_tiny, tiny_model
 
-from amprune.benchmark import BenchRequest, Workload, _workload_result, bench, workloads
+from amprune.benchmark import BenchRequest, Workload, _alternate, _workload_result, bench, workloads
 from amprune.cli import main
 from amprune.errors import AmpruneError
 from amprune.flops import ModelCost
@@ -23,10 +23,10 @@ def tiny_folder(tmp_path_factory):
 
 
 def test_model_against_itself(tiny_folder, tmp_path, capsys):
-    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"  # the chart's default path
     threads = torch.get_num_threads()
     code = main(["--quiet", "bench", "--model", tiny_folder, "--baseline", tiny_folder, "--out", str(out),
-                 "--png", str(png), "--threads", "1", *QUICK])
+                 "--threads", "1", *QUICK])
     stdout, err = capsys.readouterr()
     assert code == 0, err
     assert torch.get_num_threads() == threads  # restored
@@ -46,6 +46,14 @@ def test_model_against_itself(tiny_folder, tmp_path, capsys):
         assert m["speedup"]["runs"] == [x / y for x, y in zip(b["seconds"]["runs"], m["seconds"]["runs"], strict=True)]
         assert m["speedup_of_fastest"] == min(b["seconds"]["runs"]) / min(m["seconds"]["runs"])
         assert m["ideal_speedup"] == 1.0
+    generation = result["workloads"][0]["results"]
+    for entry in generation:  # decode: the 3 cached steps after the prompt's forward, inside every run
+        decode = entry["decode"]["seconds"]["runs"]
+        assert all(0 < d < s for d, s in zip(decode, entry["seconds"]["runs"], strict=True))
+        assert entry["decode"]["tokens_per_s"] == 3 / entry["decode"]["seconds"]["median"]
+    assert generation[1]["decode"]["speedup"]["runs"] == [
+        b / m for b, m in zip(generation[0]["decode"]["seconds"]["runs"], decode, strict=True)
+    ]
     # Same weights, same work: the fastest of 11 prefills each (the least disturbed by other processes;
     # single-threaded, so no thread waits for a descheduled sibling) agree within 1.5× on a crowded
     # machine where single runs vary 100-fold (measured: 0.95–1.05). A harness that favoured one
@@ -56,6 +64,21 @@ def test_model_against_itself(tiny_folder, tmp_path, capsys):
     for model in result["models"]:
         assert model["peak_memory_bytes"] > model["cost"]["weight_bytes"]
     assert "ideal (FLOPs)" in stdout and "36,336" in stdout and "KV cache / token" in stdout
+    assert "decode (cached steps)" in stdout
+
+
+def test_rounds_alternate_and_reverse_the_order():
+    calls = []
+    fns = [lambda i=i: calls.append(i) or i * 10 for i in range(3)]
+
+    class Bar:
+        def update(self, n):
+            pass
+
+    times, returned = _alternate(fns, warmup=1, runs=2, device=torch.device("cpu"), bar=Bar())
+    assert calls == [0, 1, 2, 2, 1, 0, 0, 1, 2]  # round 1 (odd) runs them backwards
+    assert [len(t) for t in times] == [2, 2, 2]  # the warm-up round is not kept
+    assert returned == [[0, 0], [10, 10], [20, 20]]
 
 
 def test_statistics_pair_the_rounds():
@@ -109,10 +132,10 @@ def test_bad_numbers_are_one_line_errors(tiny_folder, tmp_path, capsys, args, me
 
 def test_missing_models_and_folders_are_one_line_errors(tiny_folder, tmp_path, capsys):
     missing = str(tmp_path / "missing")
-    for args in (["--model", missing], ["--model", tiny_folder, "--baseline", missing]):
+    for args in (["--model", missing], ["--model", tiny_folder, "--baseline", missing], ["--model", "pruned/"]):
         assert main(["bench", *args, "--out", str(tmp_path / "b.json"), *QUICK]) == 2
         err = capsys.readouterr().err
-        assert err.startswith(f"amprune: error: model not found: {missing}") and err.count("\n") == 1
+        assert err.startswith(f"amprune: error: model not found: {args[-1]}") and err.count("\n") == 1
     assert main(["bench", "--model", tiny_folder, "--out", str(tmp_path / "no" / "b.json")]) == 2
     assert capsys.readouterr().err == f"amprune: error: the folder for {tmp_path / 'no' / 'b.json'} does not exist\n"
 

@@ -3,13 +3,16 @@
 Protocol (defaults are the paper's latency protocol, from Shortened LLaMA / FlexGen):
 
 - *generate*: a 12-token prompt, 128 new tokens with EOS suppressed (min_new_tokens = max_new_tokens),
-  greedy, batch 1, KV cache on. Its median time is the latency; new tokens / latency is the decode
-  throughput (the 12-token prefill, one forward, is included).
+  greedy, batch 1, KV cache on. Its median time is the latency (new tokens / latency: the generation
+  throughput). A clock in the logits processors marks the end of the prompt's forward (the first new
+  token's logits), so every run also yields its *decode* time: the remaining new tokens, one cached
+  forward each; decode throughput = (new tokens − 1) / decode time.
 - *prefill b*: one forward of b prompts of a fixed length (128 tokens) at every batch size (1, 8, 32),
   keeping only the last token's logits as `generate` does; throughput = b·length / time.
 - Every workload runs `warmup` untimed rounds, then `runs` timed rounds. In each round every model runs
-  once, in turn (baseline, model, baseline, model, …), so a noisy machine slows them alike. The speedup
-  is the median over rounds of baseline time / model time (quartiles as spread).
+  once, in turn, so a noisy machine slows them alike; odd rounds run the models in reverse order, so no
+  model always runs first. The speedup is the median over rounds of baseline time / model time (quartiles
+  as spread).
 - `torch.inference_mode`; the device is synchronised before and after every timed call.
 - Peak memory: each model runs every workload once in a fresh process of its own (CUDA: allocator
   peak; CPU: the process's peak resident memory, interpreter and libraries included).
@@ -35,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from .errors import AmpruneError
 from .flops import ModelCost, model_cost
@@ -106,18 +110,39 @@ class Workload:
             return self.batch * cost.generation_flops(self.prompt_len, self.new_tokens)
         return self.batch * cost.prefill_flops(self.prompt_len)
 
-    def run(self, model, ids: torch.Tensor, pad_id: int) -> None:
+    def run(self, model, ids: torch.Tensor, pad_id: int) -> float | None:
+        """Run once; a generation returns its decode seconds (after the prompt's forward), a prefill None."""
         prompt = ids[: self.batch, : self.prompt_len]
         if not self.new_tokens:
             model(prompt, logits_to_keep=1)
-            return
+            return None
+        clock = _DecodeClock(prompt.device)
         out = model.generate(
             prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=self.new_tokens,
-            min_new_tokens=self.new_tokens, do_sample=False, pad_token_id=pad_id,
+            min_new_tokens=self.new_tokens, do_sample=False, pad_token_id=pad_id, use_cache=True,
+            logits_processor=LogitsProcessorList([clock]),
         )
         if out.shape[1] != self.prompt_len + self.new_tokens:  # an early stop would flatter the timing
             made = out.shape[1] - self.prompt_len
             raise RuntimeError(f"generate returned {made} new tokens, not {self.new_tokens}")
+        return clock.since_first_step()
+
+
+class _DecodeClock(LogitsProcessor):
+    """Leaves the scores alone; notes when the first new token's logits exist (the prompt's forward done)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.first = device, None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.first is None:
+            _sync(self.device)
+            self.first = time.perf_counter()
+        return scores
+
+    def since_first_step(self) -> float:
+        _sync(self.device)
+        return time.perf_counter() - self.first
 
 
 def workloads(request: BenchRequest) -> list[Workload]:
@@ -141,12 +166,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn, device: torch.device) -> float:
+def _timed(fn, device: torch.device) -> tuple[float, float | None]:
+    """Seconds `fn` takes, and what it returns (a generation's decode seconds)."""
     _sync(device)
     start = time.perf_counter()
-    fn()
+    inner = fn()
     _sync(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, inner
 
 
 def _spread(values: list[float]) -> dict[str, float]:
@@ -154,8 +180,10 @@ def _spread(values: list[float]) -> dict[str, float]:
     return {"median": median, "p25": p25, "p75": p75, "min": min(values), "max": max(values), "runs": values}
 
 
-def _alternate(fns: list, warmup: int, runs: int, device: torch.device, bar) -> list[list[float]]:
-    """Rounds of fns[0], fns[1], …; the first `warmup` rounds are not timed. Returns seconds per fn.
+def _alternate(fns: list, warmup: int, runs: int, device: torch.device, bar) -> tuple[list[list], list[list]]:
+    """Rounds of fns[0], fns[1], … (reversed in odd rounds); the first `warmup` rounds are not timed.
+
+    Returns the seconds of every timed call per fn, and what each call returned (decode seconds or None).
 
     The garbage collector never runs inside a timed call (as in `timeit`): a collection over a loaded
     model's objects takes milliseconds and would land on one model at random. It runs before *every*
@@ -163,18 +191,21 @@ def _alternate(fns: list, warmup: int, runs: int, device: torch.device, bar) -> 
     model up to 1.7× slower on short calls (its caches cold after the collection).
     """
     times: list[list[float]] = [[] for _ in fns]
+    inner: list[list] = [[] for _ in fns]
     gc.disable()
     try:
         for round_ in range(warmup + runs):
-            for fn, spent in zip(fns, times, strict=True):
+            order = range(len(fns)) if round_ % 2 == 0 else reversed(range(len(fns)))
+            for index in order:
                 gc.collect()
-                seconds = _timed(fn, device)
+                seconds, returned = _timed(fns[index], device)
                 if round_ >= warmup:
-                    spent.append(seconds)
+                    times[index].append(seconds)
+                    inner[index].append(returned)
                 bar.update(1)
     finally:
         gc.enable()
-    return times
+    return times, inner
 
 
 def _reset_rss_peak() -> bool:
@@ -262,8 +293,8 @@ def bench(request: BenchRequest) -> dict:
             for work in works:
                 bar.set_postfix_str(work.name)
                 fns = [partial(work.run, model, prompts, pad_id) for model in models]
-                times = _alternate(fns, request.warmup, request.runs, device, bar)
-                results.append(_workload_result(work, times, costs))
+                times, decode = _alternate(fns, request.warmup, request.runs, device, bar)
+                results.append(_workload_result(work, times, costs, decode if work.new_tokens else None))
         environment = _environment(device, dtype)
     peaks = _peak_memories(sources, request, ids, pad_id) if request.memory else [None] * len(sources)
 
@@ -286,7 +317,13 @@ def bench(request: BenchRequest) -> dict:
     return result
 
 
-def _workload_result(work: Workload, times: list[list[float]], costs: list[ModelCost]) -> dict:
+def _workload_result(
+    work: Workload, times: list[list[float]], costs: list[ModelCost], decode: list[list[float]] | None = None
+) -> dict:
+    """Per model: time, throughput and FLOPs; for the models, paired speedups and the ideal one.
+
+    `decode` (generations): every run's decode seconds per model, which add decode throughput and speedup.
+    """
     base_times, base_flops = times[0], work.flops(costs[0])
     per_model = []
     for index, (seconds, cost) in enumerate(zip(times, costs, strict=True)):
@@ -294,6 +331,11 @@ def _workload_result(work: Workload, times: list[list[float]], costs: list[Model
         entry = {"seconds": stats, "tokens_per_s": work.tokens / stats["median"], "flops": work.flops(cost)}
         if work.new_tokens:
             entry["weight_bytes_per_s"] = cost.weight_bytes * work.new_tokens / stats["median"]
+        if decode is not None:
+            steps = _spread(decode[index])
+            entry["decode"] = {"seconds": steps, "tokens_per_s": work.batch * (work.new_tokens - 1) / steps["median"]}
+            if index:
+                entry["decode"]["speedup"] = _spread([b / m for b, m in zip(decode[0], decode[index], strict=True)])
         if index:  # paired ratios: round i of the baseline against round i of this model
             speedup = _spread([b / m for b, m in zip(base_times, seconds, strict=True)])
             ideal = base_flops / entry["flops"]
@@ -351,6 +393,10 @@ def summary(result: dict) -> str:
             if work["new_tokens"]:
                 latency = [f"{r['seconds']['median']:.3f} s" for r in (b, m)]
                 rows.append(("  latency (median)", *latency))
+                d = m["decode"]["speedup"]
+                rows.append(("  decode (cached steps)", f"{b['decode']['tokens_per_s']:,.1f} tok/s",
+                             f"{m['decode']['tokens_per_s']:,.1f} tok/s",
+                             f"{d['median']:.3f}× [{d['p25']:.3f}–{d['p75']:.3f}]"))
         bc, mc = base["cost"], model["cost"]
         rows += [
             ("parameters", f"{bc['params']:,}", f"{mc['params']:,}", f"{mc['params'] / bc['params']:.1%}"),

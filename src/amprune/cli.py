@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
 from pathlib import Path
@@ -300,7 +301,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--model", nargs="+", required=True, help="model(s) to measure: HF folder, .gguf file or hub id")
     p.add_argument("--baseline", help="reference model (default: the packaged SmolLM2-135M-Instruct)")
     p.add_argument("--out", required=True, help="JSON file for the results")
-    p.add_argument("--png", help="bar chart: speedup per workload, baseline vs models, the ideal marked")
+    p.add_argument("--png", help="bar chart: speedup per workload, baseline vs models, the ideal marked "
+                   "(default: the --out path with .png, when matplotlib is installed)")
     proto = p.add_argument_group("protocol (defaults: the AMP paper's latency protocol)")
     proto.add_argument("--prompt-tokens", type=int, default=12, help="prompt of the generation (default: 12)")
     proto.add_argument("--new-tokens", type=int, default=128,
@@ -321,9 +323,15 @@ def _add_bench(sub) -> None:
 def _run_bench(args) -> None:
     from .benchmark import BenchRequest, bench, summary
 
+    png = args.png
+    if png is None:
+        png = str(Path(args.out).with_suffix(".png"))
+        if importlib.util.find_spec("matplotlib") is None:
+            png = None
+            logger.warning("no bar chart: matplotlib is not installed (pip install 'amprune[plot]')")
     result = bench(
         BenchRequest(
-            models=args.model, out=args.out, png=args.png, baseline=args.baseline, prompt_tokens=args.prompt_tokens,
+            models=args.model, out=args.out, png=png, baseline=args.baseline, prompt_tokens=args.prompt_tokens,
             new_tokens=args.new_tokens, prompt_len=args.prompt_len, batch_sizes=args.batch_sizes, warmup=args.warmup,
             runs=args.runs, memory=not args.no_memory, dtype=args.dtype, device=args.device, threads=args.threads,
             progress=not args.quiet,

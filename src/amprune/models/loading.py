@@ -66,8 +66,9 @@ def resolve_model(model: str | None) -> str:
                 return str(convert_gguf(ggufs[0]))
             raise AmpruneError(f"{model} has no config.json: not a Hugging Face model folder")
         return str(path)
-    looks_like_hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~")) and not path.exists()
-    if not looks_like_hub_id:
+    owner, _, name = model.partition("/")  # a hub id is "owner/name"; "pruned/" is a missing folder
+    looks_like_hub_id = bool(owner and name) and "/" not in name and not model.startswith((".", "~"))
+    if not looks_like_hub_id or path.exists():
         raise AmpruneError(f"model not found: {model} (give a model folder, a .gguf file or a hub id)")
     return model
 
