@@ -83,6 +83,28 @@ def nan_folder(tmp_path):
     return folder
 
 
+@pytest.fixture
+def junk_weights_folder(tmp_path):
+    folder = save_tiny(tmp_path / "junk", "llama_gqa")
+    (tmp_path / "junk" / "model.safetensors").write_bytes(b"\x10\x00 not a safetensors file")
+    return folder
+
+
+@pytest.fixture
+def unknown_type_folder(tmp_path):  # a model_type transformers itself does not know
+    folder = save_tiny(tmp_path / "foollama", "llama_gqa")
+    config = json.loads((tmp_path / "foollama" / "config.json").read_text())
+    (tmp_path / "foollama" / "config.json").write_text(json.dumps({**config, "model_type": "foollama"}))
+    return folder
+
+
+@pytest.fixture
+def bad_gguf(tmp_path):
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(b"GGUF? no: a file that only has the right suffix")
+    return str(path)
+
+
 BAD = [
     ("gpt2", ["--ratio", "0.3"], "unsupported model_type 'gpt2'. Supported: "),
     ("dense", ["--ratio", "1.5"], "--ratio must be in [0, 1), got 1.5"),
@@ -92,6 +114,9 @@ BAD = [
      "--gqa-mode group cannot prune heads of a model with a single KV head"),
     ("dense", ["--head-ratio", "0.1", "--gqa-mode", "group"], "--gqa-mode group cannot express --head-ratio 0.1"),
     ("missing", ["--ratio", "0.3"], "model not found: "),
+    ("foollama", ["--ratio", "0.3"], "unsupported model_type 'foollama'. Did you mean 'llama'? Supported: "),
+    ("junk", ["--ratio", "0.3"], "cannot load the model from "),
+    ("gguf", ["--ratio", "0.3"], "cannot read the GGUF file "),
     ("dense", ["--ratio", "0.3", "--calib", "missing.jsonl"], "calibration source 'missing.jsonl' is neither"),
     ("dense", ["--ratio", "0.3", "--samples", "500"], "too short for --samples 500 × --seq-len 32"),
     ("nan", ["--ratio", "0.3"], "non-finite activations in decoder layer 0"),
@@ -101,8 +126,11 @@ BAD = [
 
 
 @pytest.mark.parametrize("model, args, message", BAD, ids=[m for _, _, m in BAD])
-def test_bad_input_is_one_line_and_exit_2(model, args, message, request, tmp_path, calib_text, capsys):
-    folders = {"dense": "tiny_folder", "gpt2": "gpt2_folder", "mqa": "mqa_folder", "nan": "nan_folder"}
+def test_bad_input_is_one_line_and_exit_2(model, args, message, request, tmp_path, calib_text, capsys, monkeypatch):
+    folders = {"dense": "tiny_folder", "gpt2": "gpt2_folder", "mqa": "mqa_folder", "nan": "nan_folder",
+               "junk": "junk_weights_folder", "foollama": "unknown_type_folder", "gguf": "bad_gguf"}
+    if model not in ("nan", "junk"):  # only these two need the weights to fail: the rest must fail before
+        monkeypatch.setattr("amprune.pipeline.load_model", _must_not_load)
     model_arg = request.getfixturevalue(folders[model]) if model in folders else str(tmp_path / "nowhere")
     out_dir = tmp_path / "out"
     if model == "full":
@@ -117,3 +145,24 @@ def test_bad_input_is_one_line_and_exit_2(model, args, message, request, tmp_pat
     assert len(lines) == 1 and lines[0].startswith("amprune: error: ") and message in lines[0], err
     if model != "full":
         assert not out_dir.exists()
+
+
+def _must_not_load(*args, **kwargs):
+    raise AssertionError("the model was loaded before the bad input was refused")
+
+
+def test_cheap_checks_come_before_converting_a_gguf(bad_gguf, tmp_path, calib_text, capsys, monkeypatch):
+    monkeypatch.setattr("amprune.models.loading.convert_gguf", _must_not_load)
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").write_text("x")
+    cases = [
+        (["--ratio", "1.5"], "--ratio must be in [0, 1), got 1.5"),
+        (["--ratio", "0.3", "--out", str(full)], "is not empty; pass --overwrite"),
+        (["--ratio", "0.3", "--calib", str(tmp_path / "missing.txt")], "calibration source"),
+        (["--ratio", "0.3", "--head-ratio", "0.2"], "give either --ratio or --head-ratio/--mlp-ratio"),
+    ]
+    for args, message in cases:
+        out = [] if "--out" in args else ["--out", str(tmp_path / "out")]
+        code, _, err = prune(["--model", bad_gguf, *CALIB, *out, *args], capsys)
+        assert code == 2 and message in err and err.count("\n") == 1, err

@@ -34,21 +34,22 @@ def random_plan(dims: Dims, mode: str, heads_removed: int, neurons_kept: int, se
     return Plan(dims, budget, layers)
 
 
-def plans_for(model, seed: int):
-    """Random plans in both modes, including keeping a single unit (one head per group, one neuron)."""
-    dims = Dims.from_config(model.config)
-    plans = [random_plan(dims, "group", 1, dims.intermediate_size // 2, seed),
-             random_plan(dims, "group", dims.num_kv_heads - 1, 1, seed + 1)]
-    if dims.group_size > 1:
-        plans += [random_plan(dims, "query", 1, dims.intermediate_size - 3, seed + 2),
-                  random_plan(dims, "query", dims.group_size - 1, 1, seed + 3)]
-    return plans
+def random_plans(dims: Dims, seed: int = 0) -> list[Plan]:
+    """Random uniform plans in every mode the model allows, including keeping a single unit."""
+    out = []
+    if dims.num_kv_heads > 1:  # whole KV groups (plain MHA: whole heads)
+        out += [random_plan(dims, "group", 1, dims.intermediate_size // 2, seed),
+                random_plan(dims, "group", dims.num_kv_heads - 1, 1, seed + 1)]
+    if dims.group_size > 1:  # query heads inside every group (MQA: the only choice)
+        out += [random_plan(dims, "query", 1, dims.intermediate_size - 3, seed + 2),
+                random_plan(dims, "query", dims.group_size - 1, 1, seed + 3)]
+    return out
 
 
 def sliced_and_masked(case: str, plan_index: int):
     model = tiny_model(case)
     family = get_family(model.config.model_type)
-    plan = plans_for(model, seed=plan_index)[plan_index]
+    plan = random_plans(Dims.from_config(model.config), seed=plan_index)[plan_index]
     masked, sliced = copy.deepcopy(model), copy.deepcopy(model)
     mask_plan(masked, family, plan)
     apply_plan(sliced, family, plan)
@@ -99,9 +100,9 @@ def test_shapes_config_and_parameter_count_after_surgery(case, plan_index):
         assert layer.mlp.down_proj.weight.shape == (dims.hidden_size, after.intermediate_size)
 
 
-@pytest.mark.parametrize("case", sorted(TINY_CONFIGS))
-def test_greedy_generation_with_kv_cache_matches_masked_model(case):
-    _, masked, sliced, _, _ = sliced_and_masked(case, 1)
+@pytest.mark.parametrize("case, plan_index", CASES)
+def test_greedy_generation_with_kv_cache_matches_masked_model(case, plan_index):
+    _, masked, sliced, _, _ = sliced_and_masked(case, plan_index)
     prompt = torch.tensor([[5, 17, 33, 9, 60]])
     kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=0)
     with torch.no_grad():

@@ -74,13 +74,17 @@ def _read_source(source: str) -> str | list[str]:
     return raw
 
 
-def calibration_set(source: str, tokenizer, num_samples: int, seq_len: int, seed: int) -> CalibrationSet:
-    """Draw `num_samples` samples of at most `seq_len` tokens, reproducibly for a given seed.
+@dataclass
+class CalibrationText:
+    """What a calibration source holds, read and checked before any model loads: running texts or records."""
 
-    A running text is tokenized once and cut into non-overlapping windows of exactly `seq_len` tokens;
-    the windows are drawn without replacement. Several packaged texts ("c4,wiki") pool their windows.
-    Records (.jsonl) are drawn the same way and truncated.
-    """
+    source: str
+    texts: list[str] | None  # running texts, cut into windows of --seq-len tokens
+    records: list[str] | None  # .jsonl records, one sample each
+
+
+def read_calibration(source: str, num_samples: int, seq_len: int) -> CalibrationText:
+    """Check the sizes and read the source (packaged names, "c4,wiki", or a .txt/.jsonl path); no tokenizer."""
     if num_samples <= 0 or seq_len <= 0:
         raise AmpruneError(f"--samples and --seq-len must be positive, got {num_samples} and {seq_len}")
     names = source.split(",")
@@ -88,10 +92,22 @@ def calibration_set(source: str, tokenizer, num_samples: int, seq_len: int, seed
         if not all(name in PACKAGED_TEXTS for name in names):
             raise AmpruneError(f"only packaged texts ({', '.join(PACKAGED_TEXTS)}) can be combined with ',', "
                                f"got '{source}'")
-        texts, records = [packaged_text(name, part="calibration") for name in names], None
-    else:
-        text = _read_source(source)
-        texts, records = ([text], None) if isinstance(text, str) else (None, text)
+        return CalibrationText(source, [packaged_text(name, part="calibration") for name in names], None)
+    text = _read_source(source)
+    return CalibrationText(source, [text], None) if isinstance(text, str) else CalibrationText(source, None, text)
+
+
+def calibration_set(
+    source: str | CalibrationText, tokenizer, num_samples: int, seq_len: int, seed: int
+) -> CalibrationSet:
+    """Draw `num_samples` samples of at most `seq_len` tokens, reproducibly for a given seed.
+
+    A running text is tokenized once and cut into non-overlapping windows of exactly `seq_len` tokens;
+    the windows are drawn without replacement. Several packaged texts ("c4,wiki") pool their windows.
+    Records (.jsonl) are drawn the same way and truncated. `source` may be read already (`read_calibration`).
+    """
+    read = source if isinstance(source, CalibrationText) else read_calibration(source, num_samples, seq_len)
+    source, texts, records = read.source, read.texts, read.records
     generator = torch.Generator().manual_seed(seed)
     if texts is not None:
         windows, tokens = token_windows(tokenizer, texts, seq_len)

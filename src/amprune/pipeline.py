@@ -13,7 +13,15 @@ from pathlib import Path
 
 import torch
 
-from .calibration import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, AmpStats, calibration_set, check_scorers, score_units
+from .calibration import (
+    DEFAULT_SAMPLES,
+    DEFAULT_SEQ_LEN,
+    AmpStats,
+    calibration_set,
+    check_scorers,
+    read_calibration,
+    score_units,
+)
 from .checkpoint import check_output_dir, save_and_verify, saved_model_type
 from .compensation import add_zero_biases, biased_config, compensate
 from .errors import AmpruneError
@@ -26,7 +34,7 @@ from .models.loading import (
     resolve_device_dtype,
     resolve_model,
 )
-from .plan import Budget, Plan, UnitParams, make_budget, select_units
+from .plan import Budget, Plan, UnitParams, check_ratios, make_budget, select_units
 from .reconstruct import LayerChooser, reconstruct
 from .resources import peak_memory_bytes, reset_peak_memory
 from .scoring import SCORERS
@@ -135,23 +143,26 @@ def prune(request: PruneRequest) -> PruneResult:
     seconds: dict[str, float] = {}
     reset_peak_memory()
 
-    # 1. Validate everything cheap first: model family, ratios, GQA mode, scorer, output folder, calibration text.
+    # 1. Validate everything cheap first: what needs no model (ratios, scorer, output folder, calibration
+    #    source), then what needs its config (family, plan sizes, GQA mode) and its tokenizer (text length).
     if request.bias_compensation and request.reconstruct:
         raise AmpruneError("--bias-compensation and --reconstruct both correct o_proj/down_proj for what was removed; "
                            "use one")
     if request.one_pass and not request.reconstruct:
         raise AmpruneError("--one-pass scores the layers during reconstruction: pass --reconstruct too")
-    target = describe_model(request.model, request.bias_compensation)
-    source, config, family, dims = target.source, target.config, target.family, target.dims
-    budget = target.budget(
-        request.gqa_mode, request.ratio, request.head_ratio, request.mlp_ratio, request.round_to
-    )
+    check_ratios(request.ratio, request.head_ratio, request.mlp_ratio)
     check_scorers([request.scorer], request.one_pass)
     if request.out is not None:
         check_output_dir(request.out, request.overwrite)
     device, dtype = resolve_device_dtype(request.device, request.dtype)
+    calib_text = read_calibration(request.calib, request.samples, request.seq_len)
+    target = describe_model(request.model, request.bias_compensation)  # converts a .gguf (once)
+    source, config, family, dims = target.source, target.config, target.family, target.dims
+    budget = target.budget(
+        request.gqa_mode, request.ratio, request.head_ratio, request.mlp_ratio, request.round_to
+    )
     tokenizer = load_tokenizer(source)
-    calib = calibration_set(request.calib, tokenizer, request.samples, request.seq_len, request.seed)
+    calib = calibration_set(calib_text, tokenizer, request.samples, request.seq_len, request.seed)
 
     # 2. Load and calibrate: one forward pass collects head and neuron statistics (one pass: during step 4).
     tick = time.perf_counter()

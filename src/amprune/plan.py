@@ -94,9 +94,15 @@ def _check_left(dims: Dims, gqa_mode: str, heads: int, neurons: int, what: str) 
         )
 
 
-def _check_fraction(name: str, value: float) -> None:
-    if not (0.0 <= value < 1.0) or math.isnan(value):
-        raise AmpruneError(f"{name} must be in [0, 1), got {value}")
+def check_ratios(ratio: float | None, head_ratio: float | None, mlp_ratio: float | None) -> None:
+    """The checks of a pruning request that need no model: one kind of ratio, each in [0, 1)."""
+    if ratio is not None and (head_ratio is not None or mlp_ratio is not None):
+        raise AmpruneError("give either --ratio or --head-ratio/--mlp-ratio, not both")
+    if ratio is None and head_ratio is None and mlp_ratio is None:
+        raise AmpruneError("nothing to prune: give --ratio (or --head-ratio/--mlp-ratio)")
+    for name, value in (("--ratio", ratio), ("--head-ratio", head_ratio), ("--mlp-ratio", mlp_ratio)):
+        if value is not None and (not (0.0 <= value < 1.0) or math.isnan(value)):
+            raise AmpruneError(f"{name} must be in [0, 1), got {value}")
 
 
 def make_budget(
@@ -127,10 +133,7 @@ def make_budget(
         # Plain multi-head attention: every head is its own KV group, so removing a query head removes
         # its k/v rows too; both modes mean the same thing.
         gqa_mode = "group"
-    if ratio is not None and (head_ratio is not None or mlp_ratio is not None):
-        raise AmpruneError("give either --ratio or --head-ratio/--mlp-ratio, not both")
-    if ratio is None and head_ratio is None and mlp_ratio is None:
-        raise AmpruneError("nothing to prune: give --ratio (or --head-ratio/--mlp-ratio)")
+    check_ratios(ratio, head_ratio, mlp_ratio)
     if gqa_mode == "group" and dims.num_kv_heads == 1 and (ratio or head_ratio):
         raise AmpruneError(
             "--gqa-mode group cannot prune heads of a model with a single KV head (multi-query attention): "
@@ -138,16 +141,20 @@ def make_budget(
         )
 
     if ratio is not None:
-        _check_fraction("--ratio", ratio)
         heads, kv_heads, neurons = _solve_uniform_fraction(
             dims, units, total_params, gqa_mode, ratio, accepted_heads, round_to
         )
         _check_left(dims, gqa_mode, heads, neurons, f"--ratio {ratio}")
+        if accepted_heads is not None:
+            free = _solve_uniform_fraction(dims, units, total_params, gqa_mode, ratio, None, round_to)[0]
+            if free != heads:
+                notes.append(
+                    f"the stock config accepts only {sorted(accepted_heads)} heads: keeping {dims.num_heads - heads} "
+                    f"heads per layer instead of {dims.num_heads - free} (the plan closest to --ratio {ratio})"
+                )
     else:
         head_ratio = head_ratio or 0.0
         mlp_ratio = mlp_ratio or 0.0
-        _check_fraction("--head-ratio", head_ratio)
-        _check_fraction("--mlp-ratio", mlp_ratio)
         heads, kv_heads = head_removal(dims, gqa_mode, head_ratio)
         neurons = _rounded_removal(dims.intermediate_size, _round_half_up(mlp_ratio * dims.intermediate_size), round_to)
         _check_left(dims, gqa_mode, heads, neurons, f"--head-ratio {head_ratio} / --mlp-ratio {mlp_ratio}")

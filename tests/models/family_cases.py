@@ -10,7 +10,6 @@ import copy
 
 import torch
 from conftest import VOCAB, random_model
-from test_surgery import random_plan
 from transformers import AutoConfig
 
 from amprune.models import Dims, get_family
@@ -52,18 +51,6 @@ def family_model(case: str, seed: int = 0, **overrides):
 def family_and_dims(model):
     family = get_family(model.config.model_type)
     return family, Dims.from_config(family.sizes_config(model.config))
-
-
-def plans(dims: Dims, seed: int = 0) -> list:
-    """Random uniform plans in every mode the model allows, including keeping a single unit."""
-    out = []
-    if dims.num_kv_heads > 1:  # whole KV groups (plain MHA: whole heads)
-        out += [random_plan(dims, "group", 1, dims.intermediate_size // 2, seed),
-                random_plan(dims, "group", dims.num_kv_heads - 1, 1, seed + 1)]
-    if dims.group_size > 1:  # query heads inside every group (MQA: the only choice)
-        out += [random_plan(dims, "query", 1, dims.intermediate_size - 3, seed + 2),
-                random_plan(dims, "query", dims.group_size - 1, 1, seed + 3)]
-    return out
 
 
 @torch.no_grad()

@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 from conftest import char_tokenizer, max_diff
-from family_cases import CASES, brute_force_scores, family_and_dims, family_model, plans
-from test_surgery import assert_params_removed
+from family_cases import CASES, brute_force_scores, family_and_dims, family_model
+from test_surgery import assert_params_removed, random_plans
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from amprune.calibration import CalibrationSet, collect_amp_stats
@@ -16,13 +16,15 @@ from amprune.checkpoint import save_checkpoint
 from amprune.plan import Plan
 from amprune.surgery import apply_plan, mask_plan
 
-PLAN_CASES = [(case, i) for case in sorted(CASES) for i in range(len(plans(family_and_dims(family_model(case))[1])))]
+PLAN_CASES = [
+    (case, i) for case in sorted(CASES) for i in range(len(random_plans(family_and_dims(family_model(case))[1])))
+]
 
 
 def sliced_and_masked(case: str, plan_index: int, dtype: torch.dtype = torch.float32):
     model = family_model(case).to(dtype)
     family, dims = family_and_dims(model)
-    plan = plans(dims, seed=plan_index)[plan_index]
+    plan = random_plans(dims, seed=plan_index)[plan_index]
     masked, sliced = copy.deepcopy(model), copy.deepcopy(model)
     mask_plan(masked, family, plan)
     apply_plan(sliced, family, plan)
@@ -55,9 +57,9 @@ def test_parameter_count_and_config_after_surgery(case, plan_index):
         assert family.attention_block(layer).num_key_value_groups == after.num_heads // after.num_kv_heads
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_greedy_generation_with_kv_cache_matches_masked_model(case):
-    _, masked, sliced, _, _ = sliced_and_masked(case, 1)
+@pytest.mark.parametrize("case, plan_index", PLAN_CASES)
+def test_greedy_generation_with_kv_cache_matches_masked_model(case, plan_index):
+    _, masked, sliced, _, _ = sliced_and_masked(case, plan_index)
     prompt = torch.tensor([[5, 17, 33, 9, 60, 41, 22, 8]])  # the cache outgrows Gemma's 6-token window
     kwargs = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, use_cache=True, pad_token_id=0)
     with torch.no_grad():
@@ -70,7 +72,7 @@ def _savable(case: str, plan_index: int) -> bool:
     model = family_model(case)
     family, dims = family_and_dims(model)
     accepted = family.accepted_head_counts(model.config)
-    return accepted is None or len(plans(dims, plan_index)[plan_index].layers[0].heads_kept) in accepted
+    return accepted is None or len(random_plans(dims, plan_index)[plan_index].layers[0].heads_kept) in accepted
 
 
 # Phi keeps 3 of 4 heads with hidden size 32 (an explicit head_dim); Gemma's 3 of 4 are refused (see rules).
@@ -78,7 +80,7 @@ def _savable(case: str, plan_index: int) -> bool:
 def test_save_then_stock_reload_gives_identical_config_and_logits(case, plan_index, tmp_path):
     model = family_model(case)
     family, dims = family_and_dims(model)
-    plan = plans(dims, seed=plan_index)[plan_index]
+    plan = random_plans(dims, seed=plan_index)[plan_index]
     apply_plan(model, family, plan)
     out = save_checkpoint(model, char_tokenizer(), plan, family, tmp_path / "out")
     reloaded = AutoModelForCausalLM.from_pretrained(out)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 from conftest import char_tokenizer
-from family_cases import CASES, family_and_dims, family_model, plans
+from family_cases import CASES, family_and_dims, family_model
 from huggingface_hub.errors import StrictDataclassClassValidationError
+from test_surgery import random_plans
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import amprune.pipeline
@@ -87,13 +88,17 @@ def test_gemma_head_count_refused_by_its_config_is_steered_not_saved(tmp_path, c
     steered = make_budget(dims, units, total, ratio=0.2, accepted_heads=accepted)
     assert dims.num_heads - free.heads_removed == 3
     assert (dims.num_heads - steered.heads_removed, steered.neurons_removed) == (2, 18)
+    assert free.notes == [] and steered.notes == [
+        "the stock config accepts only [1, 2, 4] heads: keeping 2 heads per layer instead of 3 "
+        "(the plan closest to --ratio 0.2)"
+    ]
 
     result = prune(PruneRequest(out=str(tmp_path / "out"), model=save_family(tmp_path / "dense", "gemma3_mqa"),
                                 ratio=0.2, calib=calib_text, **CALIB))
     assert result.plan.budget == steered
     assert AutoConfig.from_pretrained(result.out).num_attention_heads == 2
 
-    three_heads = plans(dims)[0]  # one query head of four removed
+    three_heads = random_plans(dims)[0]  # one query head of four removed
     apply_plan(model, family, three_heads)
     with pytest.raises(AmpruneError, match=r"^a stock 'gemma3_text' config refuses 3 attention heads with hidden "
                        r"size 64; keep one of \[1, 2\] heads$"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -16,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from ..errors import AmpruneError
 
@@ -93,8 +95,11 @@ def convert_gguf(gguf: Path) -> Path:
     if (target / "config.json").is_file():
         return target
     logger.info("converting %s to a safetensors folder (once): %s", gguf.name, target)
-    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise AmpruneError(f"cannot read the GGUF file {gguf}: {_one_line(err)}") from None
     config = copy.deepcopy(loaded.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -119,7 +124,26 @@ def load_config(source: str):
     try:
         return AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as err:
-        raise AmpruneError(f"cannot load the model config from {source}: {str(err).splitlines()[0]}") from None
+        _refuse_unknown_family(source)
+        raise AmpruneError(f"cannot load the model config from {source}: {_one_line(err)}") from None
+
+
+def _refuse_unknown_family(source: str) -> None:
+    """A config transformers cannot parse may simply name a family nobody supports: say which ones are."""
+    from . import get_family
+
+    try:
+        model_type = json.loads((Path(source) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(model_type, str):
+        get_family(model_type)  # raises "unsupported model_type …. Supported: …" unless it is one of ours
+
+
+def _one_line(err: Exception, limit: int = 300) -> str:
+    """An exception's message on one line (whitespace collapsed), cut at `limit` characters."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def load_tokenizer(source: str):
@@ -128,7 +152,7 @@ def load_tokenizer(source: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, TypeError) as err:
-        raise AmpruneError(f"cannot load a tokenizer from {source}: {str(err).splitlines()[0]}") from None
+        raise AmpruneError(f"cannot load a tokenizer from {source}: {_one_line(err)}") from None
     return tokenizer
 
 
@@ -148,6 +172,6 @@ def load_model(source: str, device: torch.device, dtype: torch.dtype):
 
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    except (OSError, ValueError) as err:
-        raise AmpruneError(f"cannot load the model from {source}: {str(err).splitlines()[0]}") from None
+    except (OSError, ValueError, SafetensorError) as err:
+        raise AmpruneError(f"cannot load the model from {source}: {_one_line(err)}") from None
     return model.to(device).eval()
