@@ -39,8 +39,21 @@ def test_save_then_stock_reload_gives_identical_config_and_logits(case, tmp_path
     cfg = AutoConfig.from_pretrained(out)
     assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size) == (
         after.num_heads, after.num_kv_heads, after.head_dim, after.intermediate_size)
+    saved, mine = _settings(cfg), _settings(model.config)  # the whole config
+    assert saved == _settings(reloaded.config)
+    differ = {k for k in saved.keys() | mine.keys() if saved.get(k) != mine.get(k)}
+    if cfg.model_type == model.config.model_type:
+        assert differ <= {"architectures"}
+    else:  # saved as an equivalent family (next test): only LLaMA's no-op switches are missing from it
+        assert differ == {"architectures", "model_type", "attention_bias", "mlp_bias", "pretraining_tp"}
+        assert (mine["attention_bias"], mine["mlp_bias"], mine["pretraining_tp"]) == (False, False, 1)
     assert Plan.load(out) == plan
     assert verify_reload(model, out, ids) == 0.0
+
+
+def _settings(config) -> dict:
+    """A config's every setting, except where it was loaded from and the dtype it was loaded in."""
+    return {k: v for k, v in config.to_dict().items() if k not in ("_name_or_path", "dtype", "torch_dtype")}
 
 
 def test_llama_head_count_refused_by_llama_config_is_saved_as_mistral(tmp_path):

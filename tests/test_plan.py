@@ -69,6 +69,15 @@ def test_accepted_head_counts_steer_the_ratio_and_the_head_ratio():
     assert 4 - budget.heads_removed in {1, 2, 4}
 
 
+def test_head_ratio_rounded_to_a_coarse_gqa_step_says_so():
+    budget = make_budget(SMOL, SMOL_UNITS, SMOL_PARAMS, "query", head_ratio=0.2)
+    assert budget.heads_removed == 3  # one query head of each of the 3 groups: 33 %, not 20 %
+    assert budget.notes == ["--gqa-mode query removes heads in steps of 3 per layer: --head-ratio 0.2 removes 3 of 9 "
+                            "(33%)"]
+    assert make_budget(SMOL, SMOL_UNITS, SMOL_PARAMS, "query", head_ratio=0.3).notes == []  # 3 of 9 is within a head
+    assert make_budget(LLAMA2, LLAMA2_UNITS, LLAMA2_PARAMS, "query", head_ratio=0.3).notes == []  # 10 of 32
+
+
 def test_round_to_keeps_a_multiple_of_n_neurons_closest_to_the_ratio():
     exact = make_budget(SMOL, SMOL_UNITS, SMOL_PARAMS, "query", ratio=0.3)
     rounded = make_budget(SMOL, SMOL_UNITS, SMOL_PARAMS, "query", ratio=0.3, round_to=64)

@@ -77,6 +77,11 @@ def head_removal(dims: Dims, gqa_mode: str, fraction: float) -> tuple[int, int]:
     return groups * dims.group_size, groups
 
 
+def _head_step(dims: Dims, gqa_mode: str) -> int:
+    """Query heads per layer that one step of a GQA mode removes: one per KV group, or one whole group."""
+    return dims.num_kv_heads if gqa_mode == "query" else dims.group_size
+
+
 def _params_removed(dims: Dims, units: UnitParams, heads: int, kv_heads: int, neurons: int) -> int:
     per_layer = heads * units.head + kv_heads * units.kv_head + neurons * units.neuron
     return dims.num_layers * per_layer
@@ -166,6 +171,11 @@ def make_budget(
                 f"--gqa-mode {gqa_mode} cannot express --head-ratio {head_ratio}: with {count} {units_name} it "
                 f"removes none; use a head ratio of at least {0.5 / count:.3g} (steps of {steps})"
                 + (" or --gqa-mode query" if gqa_mode == "group" else "")
+            )
+        if abs(heads / dims.num_heads - head_ratio) > 0.5 / dims.num_heads:  # coarser than one head
+            notes.append(
+                f"--gqa-mode {gqa_mode} removes heads in steps of {_head_step(dims, gqa_mode)} per layer: "
+                f"--head-ratio {head_ratio} removes {heads} of {dims.num_heads} ({heads / dims.num_heads:.0%})"
             )
         if accepted_heads is not None and (dims.num_heads - heads) not in accepted_heads:
             wanted = heads

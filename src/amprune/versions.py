@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from importlib import metadata
 
-_PACKAGES = ("amprune", "torch", "transformers", "lm_eval", "peft")
+_PACKAGES = ("amprune", "torch", "transformers", "tokenizers", "safetensors", "gguf", "lm_eval", "peft")
 
 
 def package_versions() -> dict[str, str]:
