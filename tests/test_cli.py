@@ -43,6 +43,16 @@ def test_prune_inspect_and_reload(tiny_folder, calib_text, tmp_path, capsys):
     assert f"{plan['budget']['params_after']:,}" in shown and "--gqa-mode query" in shown
 
 
+def test_summary_suggests_round_to_for_widths_off_a_multiple_of_8(tiny_folder, calib_text, tmp_path, capsys):
+    for name, extra in (("exact", []), ("r8", ["--round-to", "8"])):
+        out_dir = tmp_path / name
+        code, out, err = prune(["--model", tiny_folder, "--ratio", "0.3", "--calib", calib_text, *CALIB, *extra,
+                                "--out", str(out_dir)], capsys)
+        assert code == 0, err
+        kept = json.loads((out_dir / "amprune_plan.json").read_text())["dims_after"]["intermediate_size"]
+        assert (kept, "--round-to 8 keeps a multiple of 8" in out) == ((20, True) if name == "exact" else (16, False))
+
+
 def test_same_command_twice_gives_the_same_plan(tiny_folder, calib_text, tmp_path, capsys):
     plans = []
     for name in ("a", "b"):

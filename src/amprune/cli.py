@@ -285,7 +285,7 @@ def _run_compare(args) -> None:
 
 
 BENCH_EXAMPLES = """examples:
-  amprune bench --model pruned/ --out bench.json --png bench.png     # against the packaged SmolLM2-135M
+  amprune bench --model pruned/ --out bench.json     # against the packaged SmolLM2-135M; chart: bench.png
   amprune bench --model p20/ p30/ --baseline my-llama/ --out bench.json
   amprune bench --model pruned/ --warmup 2 --runs 5 --batch-sizes 1 8 --out bench.json   # a quick look
 """

@@ -34,6 +34,11 @@ def plan_summary(plan: Plan) -> str:
     ]
     settings = plan.settings
     lines = [table(rows)]
+    if after.intermediate_size % 8 and after.intermediate_size != before.intermediate_size:
+        lines.append(
+            f"note: {after.intermediate_size} neurons per layer is not a multiple of 8, a matmul width that runs "
+            "markedly slower per neuron (README, Benchmarking); --round-to 8 keeps a multiple of 8"
+        )
     if settings:
         lines.append(
             f"model {settings.get('model')} ({settings.get('model_type')}"
