@@ -82,19 +82,25 @@ def gemm_widths(rounds: int, threads: int | None) -> dict[str, dict[int, float]]
     return relative
 
 
+def kept(model: dict) -> str:
+    """Heads · KV heads · neurons per layer, from the model's saved config."""
+    config = json.loads((Path(model["loaded_from"]) / "config.json").read_text())
+    return f"{config['num_attention_heads']} · {config['num_key_value_heads']} · {config['intermediate_size']}"
+
+
 def markdown(result: dict) -> str:
     """Rows: model × workload, with tokens/s, measured and ideal speedup."""
     names = ["dense"] + [Path(m["source"]).name for m in result["models"][1:]]
     lines = [
-        "| model | params | KV B/token | peak mem MiB | workload | tokens/s | speedup (median [p25–p75]) "
-        "| fastest-run speedup | ideal (FLOPs) | measured / ideal |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | heads · KV · neurons | params | KV B/token | peak mem MiB | workload | tokens/s "
+        "| speedup (median [p25–p75]) | fastest-run speedup | ideal (FLOPs) | measured / ideal |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for index, (name, model) in enumerate(zip(names, result["models"], strict=True)):
         cost, peak = model["cost"], model["peak_memory_bytes"]
         for work in result["workloads"]:
             entry = work["results"][index]
-            head = (f"{name} | {cost['params'] / 1e6:.1f} M | {cost['kv_bytes_per_token']:,} | "
+            head = (f"{name} | {kept(model)} | {cost['params'] / 1e6:.1f} M | {cost['kv_bytes_per_token']:,} | "
                     f"{'n/a' if peak is None else f'{peak / 2**20:,.0f}'}")
             if index:
                 s = entry["speedup"]
@@ -120,7 +126,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="/tmp/bench-speed", help="folder for the pruned models")
     parser.add_argument("--results", default="docs/bench", help="folder for JSON and PNG (default: docs/bench)")
-    parser.add_argument("--passes", default="target,widths,protocol", help="which passes, in order (default: all)")
+    parser.add_argument("--passes", default="target,widths,protocol",
+                        help="which passes, in order (default: all); 'report' prints the tables of the JSONs "
+                        "already under --results")
     parser.add_argument("--warmup", type=int, default=10, help="untimed rounds per workload (default: 10)")
     parser.add_argument("--runs", type=int, default=20, help="timed rounds per workload (default: 20)")
     parser.add_argument("--prompt-len", type=int, default=128, help="prefill length (default: 128)")
@@ -130,28 +138,31 @@ def main() -> None:
     work, results = Path(args.work), Path(args.results)
     work.mkdir(parents=True, exist_ok=True)
     results.mkdir(parents=True, exist_ok=True)
-    folders = prune_all(work)
-
-    common = dict(prompt_len=args.prompt_len, warmup=args.warmup, runs=args.runs, threads=args.threads)
-    requests = {
-        "target": BenchRequest(
-            models=[folders[name] for name in TARGET], out=str(results / "target.json"),
-            png=str(results / "target.png"), batch_sizes=[8], new_tokens=0, memory=False, **common,
-        ),
-        "protocol": BenchRequest(
-            models=[folders[name] for name in PROTOCOL], out=str(results / "protocol.json"),
-            png=str(results / "protocol.png"), **common,
-        ),
-    }
-    for name in args.passes.split(","):
-        if name == "widths":
+    passes = args.passes.split(",")
+    unknown = set(passes) - {"target", "widths", "protocol", "report"}
+    if unknown:
+        parser.error(f"unknown passes: {', '.join(sorted(unknown))}")
+    folders = prune_all(work) if {"target", "protocol"} & set(passes) else {}
+    models = {"target": TARGET, "protocol": PROTOCOL}
+    for name in passes:
+        if name == "report":
+            for saved in [m for m in models if (results / f"{m}.json").is_file()]:
+                result = json.loads((results / f"{saved}.json").read_text())
+                print(f"## {saved} pass\n\n{summary(result)}\n\n{markdown(result)}\n", flush=True)
+            if (results / "widths.json").is_file():
+                print_widths(json.loads((results / "widths.json").read_text()))
+        elif name == "widths":
             widths = gemm_widths(args.gemm_rounds, args.threads)
             (results / "widths.json").write_text(json.dumps(widths, indent=2) + "\n")
             print_widths(widths)
-            continue
-        result = bench(requests[name])
-        print(f"## {name} pass\n\n{summary(result)}\n\n{markdown(result)}\n", flush=True)
-
+        else:
+            only_prefill_b8 = dict(batch_sizes=[8], new_tokens=0, memory=False) if name == "target" else {}
+            result = bench(BenchRequest(
+                models=[folders[m] for m in models[name]], out=str(results / f"{name}.json"),
+                png=str(results / f"{name}.png"), prompt_len=args.prompt_len, warmup=args.warmup, runs=args.runs,
+                threads=args.threads, **only_prefill_b8,
+            ))
+            print(f"## {name} pass\n\n{summary(result)}\n\n{markdown(result)}\n", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -408,7 +408,7 @@ def summary(result: dict) -> str:
         blocks.append(f"{model['source']} vs baseline {base['source']}\n{table(rows)}")
     env, proto = result["environment"], result["protocol"]
     blocks.append(
-        f"{env['device']}, {env['dtype']}, {env['torch_threads']} threads; {proto['warmup']} warm-up + "
+        f"{env['device']}, {env['dtype']}, {env['torch_threads']} thread(s); {proto['warmup']} warm-up + "
         f"{proto['runs']} timed rounds per workload, models alternating; {env['date']}"
     )
     return "\n\n".join(blocks)
