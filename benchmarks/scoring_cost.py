@@ -5,7 +5,8 @@ Three passes over identical batches of the packaged SmolLM2-135M-Instruct:
   decoder   model.base_model(input_ids) the same without the LM head (the stricter reference)
   scoring   amprune's calibration pass  decoder + hooks that compute both AMP statistics
 
-Time: the passes run alternately, `--repeats` rounds, in one process; medians are compared. Both wall
+Time: the passes run alternately (in reverse order every other round), `--repeats` rounds, in one
+process; medians are compared. Both wall
 time and process CPU time are recorded: on a shared machine CPU time is the steadier measure of the
 work a pass does.
 Memory: each pass runs once more in a fresh subprocess. After loading, the process's peak-RSS mark is
@@ -88,8 +89,8 @@ def main() -> None:
     run_pass("decoder", model, calib, args.batch_size)  # warm-up
     seconds = {name: [] for name in PASSES}
     cpu_seconds = {name: [] for name in PASSES}
-    for _ in range(args.repeats):
-        for name in PASSES:
+    for repeat in range(args.repeats):
+        for name in PASSES if repeat % 2 == 0 else reversed(PASSES):  # no pass always first
             start, start_cpu = time.perf_counter(), time.process_time()
             run_pass(name, model, calib, args.batch_size)
             seconds[name].append(time.perf_counter() - start)
