@@ -6,9 +6,8 @@ Three passes over identical batches of the packaged SmolLM2-135M-Instruct:
   scoring   amprune's calibration pass  decoder + hooks that compute both AMP statistics
 
 Time: the passes run alternately (in reverse order every other round), `--repeats` rounds, in one
-process; medians are compared. Both wall
-time and process CPU time are recorded: on a shared machine CPU time is the steadier measure of the
-work a pass does.
+process; medians are compared. Both wall time and process CPU time are recorded: on a shared machine CPU
+time is the steadier measure of the work a pass does.
 Memory: each pass runs once more in a fresh subprocess. After loading, the process's peak-RSS mark is
 reset (Linux `/proc/self/clear_refs`), so the reported peak is that of the pass alone (weights included);
 the peak above the RSS at the reset is the pass's own working memory.
