@@ -27,6 +27,9 @@ CASES = {
     # fused qkv/gate_up with GQA (6 query heads in 2 KV groups), no head_dim in the stock config
     "phi3_gqa": ("phi3", dict(COMMON, hidden_size=48, num_attention_heads=6, num_key_value_heads=2,
                               intermediate_size=40)),
+    # fused qkv as in Phi-3-mini: every head its own KV group (4 heads of 12 in hidden 48)
+    "phi3_mha": ("phi3", dict(COMMON, hidden_size=48, num_attention_heads=4, num_key_value_heads=4,
+                              intermediate_size=40)),
     # MQA, q/k norms, one sliding-window (6 tokens) and one global layer; heads must divide 64
     "gemma3_mqa": ("gemma3_text", GEMMA_TEXT),
     # the same text decoder inside the multimodal wrapper (a 1-layer SigLIP tower that is never pruned)

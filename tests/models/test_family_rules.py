@@ -106,8 +106,9 @@ def test_gemma_head_count_refused_by_its_config_is_steered_not_saved(tmp_path, c
     assert not (tmp_path / "three").exists()
 
 
-def test_gemma_group_mode_is_refused_for_its_single_kv_head(tmp_path, calib_text):
-    folder = save_family(tmp_path / "dense", "gemma3_mm")
+@pytest.mark.parametrize("case", ["gemma3_mqa", "gemma3_mm"])
+def test_gemma_group_mode_is_refused_for_its_single_kv_head(case, tmp_path, calib_text):
+    folder = save_family(tmp_path / "dense", case)
     with pytest.raises(AmpruneError, match=r"^--gqa-mode group cannot prune heads of a model with a single KV head"):
         prune(PruneRequest(out=None, model=folder, ratio=0.3, gqa_mode="group", calib=calib_text, **CALIB))
 
