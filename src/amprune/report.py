@@ -37,7 +37,7 @@ def plan_summary(plan: Plan) -> str:
     if after.intermediate_size % 8 and after.intermediate_size != before.intermediate_size:
         lines.append(
             f"note: {after.intermediate_size} neurons per layer is not a multiple of 8, a matmul width that runs "
-            "markedly slower per neuron (README, Benchmarking); --round-to 8 keeps a multiple of 8"
+            "markedly slower per neuron (README: --round-to); --round-to 8 keeps a multiple of 8"
         )
     if settings:
         lines.append(
