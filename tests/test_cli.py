@@ -176,3 +176,12 @@ def test_cheap_checks_come_before_converting_a_gguf(bad_gguf, tmp_path, calib_te
         out = [] if "--out" in args else ["--out", str(tmp_path / "out")]
         code, _, err = prune(["--model", bad_gguf, *CALIB, *out, *args], capsys)
         assert code == 2 and message in err and err.count("\n") == 1, err
+    # compare and recover check their own settings before converting too
+    for argv, message in (
+        (["compare", "--ratios", "0.2,1.5", "--out", str(tmp_path / "cmp")], "--ratio must be in [0, 1), got 1.5"),
+        (["compare", "--calib", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "cmp")], "calibration source"),
+        (["recover", "--out", str(full)], "is not empty; pass --overwrite"),
+    ):
+        assert main(["--quiet", argv[0], "--model", bad_gguf, *argv[1:]]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err

@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .calibration import calibration_set, check_scorers, score_units
+from .calibration import calibration_set, check_scorers, read_calibration, score_units
 from .errors import AmpruneError
 from .models.loading import load_model, load_tokenizer, resolve_device_dtype
 from .pipeline import describe_model
-from .plan import Plan, select_units
+from .plan import Plan, check_ratios, select_units
 from .reconstruct import reconstruct
 from .surgery import apply_plan
 from .versions import package_versions
@@ -108,7 +108,10 @@ def run_compare(request: CompareRequest, evaluate: Evaluate | None = None) -> di
         resolve_tasks(request.tasks)
     if request.limit is not None and request.limit <= 0:
         raise AmpruneError(f"--limit must be positive, got {request.limit}")
-    info = describe_model(request.model)
+    for ratio in request.ratios:
+        check_ratios(ratio, None, None)
+    calib_text = read_calibration(request.calib, request.samples, request.seq_len)
+    info = describe_model(request.model)  # converts a .gguf (once)
     budgets = {ratio: info.budget(request.gqa_mode, ratio) for ratio in request.ratios}
     out = Path(request.out)
     try:
@@ -118,7 +121,7 @@ def run_compare(request: CompareRequest, evaluate: Evaluate | None = None) -> di
     evaluate = evaluate or default_evaluate(request)
     device, dtype = resolve_device_dtype(request.device, request.dtype)
     tokenizer = load_tokenizer(info.source)
-    calib = calibration_set(request.calib, tokenizer, request.samples, request.seq_len, request.seed)
+    calib = calibration_set(calib_text, tokenizer, request.samples, request.seq_len, request.seed)
 
     model = load_model(info.source, device, dtype)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

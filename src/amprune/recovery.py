@@ -194,7 +194,9 @@ def recover(request: RecoverRequest) -> RecoverResult:
 
     # 1. Validate before loading weights: settings, model family, plan, output folder, enough text.
     _check(request)
-    source = resolve_model(request.model)
+    if request.out is not None:
+        check_output_dir(request.out, request.overwrite)
+    source = resolve_model(request.model)  # converts a .gguf (once)
     family = get_family(load_config(source).model_type)
     plan = None
     if (Path(source) / PLAN_FILE).is_file():
@@ -202,8 +204,6 @@ def recover(request: RecoverRequest) -> RecoverResult:
     else:
         logger.warning("%s has no %s (not written by `amprune prune`): recovering it anyway; the output "
                        "will carry no plan", request.model, PLAN_FILE)
-    if request.out is not None:
-        check_output_dir(request.out, request.overwrite)
     teacher = teacher_source(request, plan, load_config(source).vocab_size) if request.distill else None
     device, dtype = resolve_device_dtype(request.device, request.dtype)
     tokenizer = load_tokenizer(source)
