@@ -31,7 +31,6 @@ import torch
 from amprune.benchmark import BenchRequest, bench, summary
 from amprune.pipeline import PruneRequest, prune
 
-INTERMEDIATE = 1536  # SmolLM2-135M's neurons per layer
 VARIANTS = {  # folder name → how it is pruned
     "amp20-query": dict(ratio=0.2, gqa_mode="query"),
     "amp20-group": dict(ratio=0.2, gqa_mode="group"),
