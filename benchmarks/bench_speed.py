@@ -82,8 +82,11 @@ def gemm_widths(rounds: int, threads: int | None) -> dict[str, dict[int, float]]
 
 
 def kept(model: dict) -> str:
-    """Heads · KV heads · neurons per layer, from the model's saved config."""
-    config = json.loads((Path(model["loaded_from"]) / "config.json").read_text())
+    """Heads · KV heads · neurons per layer, from the model's saved config (n/a once it is gone)."""
+    path = Path(model["loaded_from"]) / "config.json"
+    if not path.is_file():
+        return "n/a"
+    config = json.loads(path.read_text())
     return f"{config['num_attention_heads']} · {config['num_key_value_heads']} · {config['intermediate_size']}"
 
 
