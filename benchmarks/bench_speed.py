@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from amprune.benchmark import BenchRequest, bench, summary
+from amprune.benchmark import BenchRequest, bench, speedup_text, summary
 from amprune.pipeline import PruneRequest, prune
 
 VARIANTS = {  # folder name → how it is pruned
@@ -105,17 +105,21 @@ def markdown(result: dict) -> str:
             head = (f"{name} | {kept(model)} | {cost['params'] / 1e6:.1f} M | {cost['kv_bytes_per_token']:,} | "
                     f"{'n/a' if peak is None else f'{peak / 2**20:,.0f}'}")
             if index:
-                s = entry["speedup"]
-                rest = (f"{s['median']:.3f}× [{s['p25']:.3f}–{s['p75']:.3f}] | {entry['speedup_of_fastest']:.3f}× | "
+                rest = (f"{speedup_text(entry['speedup'])} | {entry['speedup_of_fastest']:.3f}× | "
                         f"{entry['ideal_speedup']:.3f}× | {entry['fraction_of_ideal']:.0%}")
             else:
                 rest = "1 | 1 | 1 | —"
             lines.append(f"| {head} | {work['name']} | {entry['tokens_per_s']:,.1f} | {rest} |")
             if "decode" in entry:  # a generation's cached steps alone
                 d = entry["decode"].get("speedup")
-                rest = f"{d['median']:.3f}× [{d['p25']:.3f}–{d['p75']:.3f}] | | |" if d else "1 | | |"
+                rest = f"{speedup_text(d)} | | |" if d else "1 | | |"
                 lines.append(f"| {head} | decode steps | {entry['decode']['tokens_per_s']:,.1f} | {rest} |")
     return "\n".join(lines)
+
+
+def show(name: str, result: dict) -> None:
+    """A pass's result: amprune's own summary, then the Markdown table for docs/RESULTS.md."""
+    print(f"## {name} pass\n\n{summary(result)}\n\n{markdown(result)}\n", flush=True)
 
 
 def print_widths(widths: dict[str, dict[int, float]]) -> None:
@@ -150,7 +154,7 @@ def main() -> None:
         if name == "report":
             for saved in [m for m in models if (results / f"{m}.json").is_file()]:
                 result = json.loads((results / f"{saved}.json").read_text())
-                print(f"## {saved} pass\n\n{summary(result)}\n\n{markdown(result)}\n", flush=True)
+                show(saved, result)
             if (results / "widths.json").is_file():
                 print_widths(json.loads((results / "widths.json").read_text()))
         elif name == "widths":
@@ -164,7 +168,7 @@ def main() -> None:
                 png=str(results / f"{name}.png"), prompt_len=args.prompt_len, warmup=args.warmup, runs=args.runs,
                 threads=args.threads, **only_prefill_b8,
             ))
-            print(f"## {name} pass\n\n{summary(result)}\n\n{markdown(result)}\n", flush=True)
+            show(name, result)
 
 if __name__ == "__main__":
     main()

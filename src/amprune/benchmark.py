@@ -22,6 +22,7 @@ Protocol (defaults are the paper's latency protocol, from Shortened LLaMA / Flex
 from __future__ import annotations
 
 import gc
+import importlib.util
 import json
 import logging
 import multiprocessing
@@ -180,6 +181,16 @@ def _spread(values: list[float]) -> dict[str, float]:
     return {"median": median, "p25": p25, "p75": p75, "min": min(values), "max": max(values), "runs": values}
 
 
+def _paired_speedup(base: list[float], model: list[float]) -> dict[str, float]:
+    """The spread of round-by-round ratios: round i of the baseline against round i of the model."""
+    return _spread([b / m for b, m in zip(base, model, strict=True)])
+
+
+def speedup_text(speedup: dict[str, float]) -> str:
+    """A paired speedup as "median× [p25–p75]"."""
+    return f"{speedup['median']:.3f}× [{speedup['p25']:.3f}–{speedup['p75']:.3f}]"
+
+
 def _alternate(fns: list, warmup: int, runs: int, device: torch.device, bar) -> tuple[list[list], list[list]]:
     """Rounds of fns[0], fns[1], … (reversed in odd rounds); the first `warmup` rounds are not timed.
 
@@ -335,9 +346,9 @@ def _workload_result(
             steps = _spread(decode[index])
             entry["decode"] = {"seconds": steps, "tokens_per_s": work.batch * (work.new_tokens - 1) / steps["median"]}
             if index:
-                entry["decode"]["speedup"] = _spread([b / m for b, m in zip(decode[0], decode[index], strict=True)])
-        if index:  # paired ratios: round i of the baseline against round i of this model
-            speedup = _spread([b / m for b, m in zip(base_times, seconds, strict=True)])
+                entry["decode"]["speedup"] = _paired_speedup(decode[0], decode[index])
+        if index:
+            speedup = _paired_speedup(base_times, seconds)
             ideal = base_flops / entry["flops"]
             entry.update(
                 speedup=speedup,
@@ -384,19 +395,16 @@ def summary(result: dict) -> str:
         rows: list[tuple[str, ...]] = []
         for work in result["workloads"]:
             b, m = work["results"][0], work["results"][index]
-            s = m["speedup"]
             rows.append((
                 work["name"], f"{b['tokens_per_s']:,.1f} tok/s", f"{m['tokens_per_s']:,.1f} tok/s",
-                f"{s['median']:.3f}× [{s['p25']:.3f}–{s['p75']:.3f}]", f"{m['speedup_of_fastest']:.3f}×",
+                speedup_text(m["speedup"]), f"{m['speedup_of_fastest']:.3f}×",
                 f"{m['ideal_speedup']:.3f}×", f"{m['fraction_of_ideal']:.0%}",
             ))
             if work["new_tokens"]:
                 latency = [f"{r['seconds']['median']:.3f} s" for r in (b, m)]
                 rows.append(("  latency (median)", *latency))
-                d = m["decode"]["speedup"]
                 rows.append(("  decode (cached steps)", f"{b['decode']['tokens_per_s']:,.1f} tok/s",
-                             f"{m['decode']['tokens_per_s']:,.1f} tok/s",
-                             f"{d['median']:.3f}× [{d['p25']:.3f}–{d['p75']:.3f}]"))
+                             f"{m['decode']['tokens_per_s']:,.1f} tok/s", speedup_text(m["decode"]["speedup"])))
         bc, mc = base["cost"], model["cost"]
         rows += [
             ("parameters", f"{bc['params']:,}", f"{mc['params']:,}", f"{mc['params'] / bc['params']:.1%}"),
@@ -414,11 +422,14 @@ def summary(result: dict) -> str:
     return "\n\n".join(blocks)
 
 
+def has_matplotlib() -> bool:
+    """Whether the bar chart can be drawn (matplotlib is the optional `amprune[plot]` dependency)."""
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def _require_matplotlib() -> None:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise AmpruneError("--png needs matplotlib: pip install 'amprune[plot]'") from None
+    if not has_matplotlib():
+        raise AmpruneError("--png needs matplotlib: pip install 'amprune[plot]'")
 
 
 def plot(result: dict, path: str) -> None:

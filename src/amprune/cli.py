@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import sys
 from pathlib import Path
@@ -321,12 +320,12 @@ def _add_bench(sub) -> None:
 
 
 def _run_bench(args) -> None:
-    from .benchmark import BenchRequest, bench, summary
+    from .benchmark import BenchRequest, bench, has_matplotlib, summary
 
     png = args.png
     if png is None:
         png = str(Path(args.out).with_suffix(".png"))
-        if importlib.util.find_spec("matplotlib") is None:
+        if not has_matplotlib():
             png = None
             logger.warning("no bar chart: matplotlib is not installed (pip install 'amprune[plot]')")
     result = bench(
