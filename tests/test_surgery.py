@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import TINY_CONFIGS, max_diff, tiny_model
+from conftest import TINY_CONFIGS, max_diff, tiny_config, tiny_model
 
 from amprune.models import Dims, get_family
 from amprune.plan import Budget, LayerPlan, Plan
@@ -56,8 +56,8 @@ def sliced_and_masked(case: str, plan_index: int):
     return model, masked, sliced, plan, family
 
 
-CASES = [(case, i) for case in sorted(TINY_CONFIGS) for i in range(4)
-         if i < 2 or TINY_CONFIGS[case][1]["num_attention_heads"] != TINY_CONFIGS[case][1]["num_key_value_heads"]]
+CASES = [(case, i) for case in sorted(TINY_CONFIGS)
+         for i in range(len(random_plans(Dims.from_config(tiny_config(case)))))]
 
 
 @pytest.mark.parametrize("case, plan_index", CASES)
