@@ -402,6 +402,48 @@ def _run_recover(args) -> None:
     print(f"saved: {result.out}  (adapters merged; loads with AutoModelForCausalLM.from_pretrained)")
 
 
+EXPORT_EXAMPLES = """examples:
+  amprune export --model pruned/ --gguf pruned-f16.gguf                  # 16-bit, llama.cpp's converter
+  amprune export --model pruned/ --gguf pruned-q4.gguf --quant Q4_K_M   # + llama-quantize
+  llama-cli -m pruned-q4.gguf                                           # run it in any llama.cpp build
+needs llama.cpp's converter and tools: `make llamacpp` builds them into .llamacpp/ (or set AMPRUNE_LLAMACPP)
+"""
+
+
+def _add_export(sub) -> None:
+    from .export import QUANT_TYPES
+
+    p = sub.add_parser(
+        "export",
+        help="convert a (pruned) checkpoint to a GGUF file for llama.cpp, optionally quantized",
+        epilog=EXPORT_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", help="a model folder (e.g. written by `amprune prune`) or .gguf file; "
+                   "default: the packaged SmolLM2-135M-Instruct")
+    p.add_argument("--gguf", required=True, help="the GGUF file to write")
+    p.add_argument("--quant", default="F16",
+                   help=f"{' | '.join(QUANT_TYPES)} (default: F16; F32, F16, BF16 and Q8_0 come from the converter, "
+                   "the others from llama-quantize)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --gguf file")
+    run = p.add_argument_group("runtime")
+    run.add_argument("--threads", type=int, help="llama-quantize threads (default: all cores)")
+    p.set_defaults(handler=_run_export)
+
+
+def _run_export(args) -> None:
+    from .export import ExportRequest, export, gguf_summary
+
+    result = export(ExportRequest(gguf=args.gguf, model=args.model, quant=args.quant, overwrite=args.overwrite,
+                                  threads=args.threads))
+    meta = gguf_summary(result.path)
+    head_dim = meta["key_length"] or meta["embedding_length"] // meta["head_count"]
+    print(f"saved: {result.path}  ({result.quant}, {result.bytes / 2**20:.1f} MiB, {result.seconds:.1f} s)")
+    print(f"llama.cpp sees: {meta['architecture']}, {meta['block_count']} layers, {meta['head_count']} heads "
+          f"({meta['head_count_kv']} KV) of {head_dim}, feed-forward {meta['feed_forward_length']}, "
+          f"{meta['vocab_tokens']} tokens ({meta['tokenizer']})")
+
+
 def _add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="print the summary of a pruned checkpoint's plan")
     p.add_argument("folder", help="a folder written by `amprune prune` (or its amprune_plan.json)")
@@ -439,6 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compare(sub)
     _add_bench(sub)
     _add_recover(sub)
+    _add_export(sub)
     _add_inspect(sub)
     _add_list(sub)
     return parser
