@@ -51,7 +51,7 @@ def merge(folders: list[str], out: str) -> None:
     of the first folder, every run of all of them."""
     parts = [json.loads((Path(folder) / "compare.json").read_text()) for folder in folders]
     for part in parts[1:]:
-        same = ("model", "calib", "samples", "seq_len", "seed", "ppl_source", "ppl_seq_len", "ppl_windows", "tasks")
+        same = ("model", "calib", "samples", "seq_len", "seed", "ppl", "ppl_seq_len", "ppl_windows", "tasks")
         if any(part["settings"][key] != parts[0]["settings"][key] for key in same):
             raise SystemExit(f"cannot merge: settings differ between {folders[0]} and another folder")
     runs: dict[tuple, dict] = {}
@@ -122,7 +122,7 @@ def main() -> None:
             ratios=args.zero_shot_ratios or args.ratios, **common)))
     if args.reconstruct_scorers:
         phases.append(("reconstruct", CompareRequest(
-            out=str(Path(args.out) / "reconstruct"), scorers=args.reconstruct_scorers, reconstruct=True, tasks=None,
+            out=str(Path(args.out) / "reconstruct"), scorers=args.reconstruct_scorers, correction="refit", tasks=None,
             ratios=args.reconstruct_ratios or args.ratios, **common)))
     command = "python " + shlex.join(["benchmarks/compare.py", *sys.argv[1:]])
     for name, request in phases:

@@ -3,7 +3,9 @@
 Three passes over identical batches of the packaged SmolLM2-135M-Instruct:
   plain     model(input_ids)            full forward with the LM head (what a user runs anyway)
   decoder   model.base_model(input_ids) the same without the LM head (the stricter reference)
-  scoring   amprune's calibration pass  decoder + hooks that compute both AMP statistics
+  scoring   amprune's scoring pass      the layer engine's dense stream: every layer in turn, with the
+                                        hooks that compute both AMP statistics (a budget that removes
+                                        nothing, so the model stays whole for the next round)
 
 Time: the passes run alternately (in reverse order every other round), `--repeats` rounds, in one
 process; medians are compared. Both wall time and process CPU time are recorded: on a shared machine CPU
@@ -29,9 +31,13 @@ from datetime import datetime, timezone
 
 import torch
 
-from amprune.calibration import batches, calibration_set, collect_amp_stats
+from amprune.calibration import batches, calibration_set
+from amprune.engine import LayerEngine, Run, Settings
 from amprune.models import Dims, get_family
 from amprune.models.loading import load_model, load_tokenizer, resolve_model
+from amprune.plan import make_budget
+from amprune.surgery import unit_params
+from amprune.weights import InMemory
 
 PASSES = ("plain", "decoder", "scoring")
 
@@ -47,7 +53,11 @@ def setup(args):
 def run_pass(name: str, model, calib, batch_size: int) -> None:
     if name == "scoring":
         family = get_family(model.config.model_type)
-        collect_amp_stats(model, family, Dims.from_config(model.config), calib, batch_size, progress=False).scores()
+        dims = Dims.from_config(model.config)
+        units = unit_params(family, family.decoder_layers(model)[0], dims)
+        nothing = make_budget(dims, units, 1, "query", head_ratio=0.0, mlp_ratio=0.0)
+        settings = Settings(batch_size=batch_size, keep_layers=True, progress=False)
+        LayerEngine(InMemory(model), calib, calib.samples[0][:16], [Run("amp", nothing)], settings).run()
         return
     forward = model if name == "plain" else model.base_model
     with torch.inference_mode():

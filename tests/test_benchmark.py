@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import save_tiny, tiny_model
+from helpers import save_tiny, tiny_model
 
 from amprune.benchmark import BenchRequest, Workload, _alternate, _workload_result, bench, workloads
 from amprune.cli import main

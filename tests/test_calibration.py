@@ -1,90 +1,15 @@
-"""Calibration samples and the hooked statistics pass against brute force on tiny models."""
+"""Calibration text: seeded windows, pooled packaged texts, .jsonl records, bad sources."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-import torch
-from conftest import TINY_CONFIGS, char_tokenizer, tiny_model
+from helpers import char_tokenizer
 
-from amprune.calibration import AmpStats, CalibrationSet, amp_hooks, calibration_set, collect_amp_stats
+from amprune.calibration import calibration_set
 from amprune.errors import AmpruneError
-from amprune.models import Dims, get_family
 from amprune.recovery import training_windows
-
-
-def _brute_force_scores(model, samples):
-    """Per-sample scores from captured sub-module inputs, computed with explicit per-head loops."""
-    family = get_family(model.config.model_type)
-    dims = Dims.from_config(model.config)
-    layers = family.decoder_layers(model)
-    heads = torch.zeros(dims.num_layers, dims.num_heads, dtype=torch.float64)
-    neurons = torch.zeros(dims.num_layers, dims.intermediate_size, dtype=torch.float64)
-    for sample in samples:
-        captured = {}
-        handles = [
-            layer.self_attn.o_proj.register_forward_pre_hook(
-                lambda m, a, i=i, c=captured: c.__setitem__(("o", i), a[0][0])
-            )
-            for i, layer in enumerate(layers)
-        ] + [
-            layer.mlp.register_forward_pre_hook(lambda m, a, i=i, c=captured: c.__setitem__(("mlp", i), a[0][0]))
-            for i, layer in enumerate(layers)
-        ]
-        with torch.no_grad():
-            model(sample.unsqueeze(0))
-        for h in handles:
-            h.remove()
-        for i, layer in enumerate(layers):
-            o_in, w = captured[("o", i)], layer.self_attn.o_proj.weight
-            d = dims.head_dim
-            for n in range(dims.num_heads):
-                contrib = o_in[:, n * d : (n + 1) * d] @ w[:, n * d : (n + 1) * d].T  # (T, D)
-                heads[i, n] += contrib.abs().sum(dim=1).mean()
-            x = captured[("mlp", i)]
-            mlp = layer.mlp
-            down_in = mlp.act_fn(x @ mlp.gate_proj.weight.T) * (x @ mlp.up_proj.weight.T)  # (T, I)
-            neurons[i] += down_in.abs().mean(dim=0)
-    return heads / len(samples), neurons / len(samples)
-
-
-def _calib(samples):
-    return CalibrationSet(samples=samples, source="test", seq_len=max(len(s) for s in samples), seed=0)
-
-
-@pytest.mark.parametrize("case", sorted(TINY_CONFIGS))
-def test_hooked_pass_equals_brute_force_with_padding(case):
-    model = tiny_model(case)
-    family = get_family(model.config.model_type)
-    dims = Dims.from_config(model.config)
-    gen = torch.Generator().manual_seed(3)
-    samples = [torch.randint(4, 100, (n,), generator=gen) for n in (9, 5, 12, 7)]  # batches need padding
-    stats = collect_amp_stats(model, family, dims, _calib(samples), batch_size=3, pad_id=0, progress=False)
-    heads, neurons = stats.scores()
-    want_heads, want_neurons = _brute_force_scores(model, samples)
-    torch.testing.assert_close(heads, want_heads, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(neurons, want_neurons, rtol=1e-5, atol=1e-6)
-
-
-def test_hooks_are_removed_even_on_error():
-    model = tiny_model("llama_gqa")
-    family = get_family("llama")
-    stats = AmpStats(Dims.from_config(model.config))
-    with pytest.raises(RuntimeError), amp_hooks(model, family, stats):
-        raise RuntimeError("boom")
-    assert all(not m._forward_pre_hooks for m in model.modules())
-
-
-def test_non_finite_activations_are_reported_with_the_layer():
-    model = tiny_model("llama_gqa")
-    with torch.no_grad():
-        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("inf")
-    stats = collect_amp_stats(
-        model, get_family("llama"), Dims.from_config(model.config), _calib([torch.arange(4, 20)]), progress=False
-    )
-    with pytest.raises(AmpruneError, match="non-finite activations in decoder layer 1"):
-        stats.scores()
 
 
 def test_text_samples_are_seeded_windows(calib_text):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import char_tokenizer, save_tiny
+from helpers import char_tokenizer, save_tiny, tiny_model
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from amprune.cli import main
@@ -109,6 +109,34 @@ def unknown_type_folder(tmp_path):  # a model_type transformers itself does not 
 
 
 @pytest.fixture
+def sharded_folder(tmp_path):
+    folder = tmp_path / "sharded"
+    tiny_model("llama_gqa").save_pretrained(folder, max_shard_size="20KB")
+    char_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def missing_shard_folder(sharded_folder):
+    sorted(sharded_folder.glob("model-*.safetensors"))[1].unlink()
+    return str(sharded_folder)
+
+
+@pytest.fixture
+def truncated_shard_folder(sharded_folder):
+    shard = sorted(sharded_folder.glob("model-*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    return str(sharded_folder)
+
+
+@pytest.fixture
+def no_disk(monkeypatch):
+    """A disk with 10 KiB free wherever the output goes."""
+    usage = type("Usage", (), {"free": 10 * 2**10})()
+    monkeypatch.setattr("amprune.streams.shutil.disk_usage", lambda path: usage)
+
+
+@pytest.fixture
 def bad_gguf(tmp_path):
     path = tmp_path / "bad.gguf"
     path.write_bytes(b"GGUF? no: a file that only has the right suffix")
@@ -125,7 +153,14 @@ BAD = [
     ("dense", ["--head-ratio", "0.1", "--gqa-mode", "group"], "--gqa-mode group cannot express --head-ratio 0.1"),
     ("missing", ["--ratio", "0.3"], "model not found: "),
     ("foollama", ["--ratio", "0.3"], "unsupported model_type 'foollama'. Did you mean 'llama'? Supported: "),
-    ("junk", ["--ratio", "0.3"], "cannot load the model from "),
+    ("junk", ["--ratio", "0.3"], "model.safetensors (truncated or not safetensors): Error while deserializing header"),
+    ("missing_shard", ["--ratio", "0.3"],
+     "misses 1 shard(s) named in model.safetensors.index.json: model-00002-of-"),
+    ("truncated_shard", ["--ratio", "0.3"],
+     "(truncated or not safetensors): Error while deserializing header: incomplete metadata, file not fully covered"),
+    ("no_disk", ["--ratio", "0.3"], "the output needs 95.4 KiB of disk in "),
+    ("no_disk", ["--ratio", "0.3", "--hidden-states", "disk"], "the output and the hidden states need 143.4 KiB of"),
+    ("dense", ["--ratio", "0.3", "--device", "cuda"], "--device cuda was requested but no CUDA device is available"),
     ("gguf", ["--ratio", "0.3"], "cannot read the GGUF file "),
     ("dense", ["--ratio", "0.3", "--calib", "missing.jsonl"], "calibration source 'missing.jsonl' is neither"),
     ("dense", ["--ratio", "0.3", "--samples", "500"], "too short for --samples 500 × --seq-len 32"),
@@ -138,9 +173,16 @@ BAD = [
 @pytest.mark.parametrize("model, args, message", BAD, ids=[m for _, _, m in BAD])
 def test_bad_input_is_one_line_and_exit_2(model, args, message, request, tmp_path, calib_text, capsys, monkeypatch):
     folders = {"dense": "tiny_folder", "gpt2": "gpt2_folder", "mqa": "mqa_folder", "nan": "nan_folder",
-               "junk": "junk_weights_folder", "foollama": "unknown_type_folder", "gguf": "bad_gguf"}
-    if model not in ("nan", "junk"):  # only these two need the weights to fail: the rest must fail before
-        monkeypatch.setattr("amprune.pipeline.load_model", _must_not_load)
+               "junk": "junk_weights_folder", "foollama": "unknown_type_folder", "gguf": "bad_gguf",
+               "missing_shard": "missing_shard_folder", "truncated_shard": "truncated_shard_folder"}
+    if model in ("junk", "missing_shard", "truncated_shard", "no_disk"):
+        # found on opening the weights lazily (headers only) or laying out the output: before any layer is read
+        monkeypatch.setattr("amprune.weights.Checkpoint.load_layer", _must_not_load)
+    elif model != "nan":  # only NaN weights need a layer to run: the rest fails before the weights are opened
+        monkeypatch.setattr("amprune.pipeline.open_weights", _must_not_load)
+    if model == "no_disk":
+        request.getfixturevalue("no_disk")
+        model = "dense"
     model_arg = request.getfixturevalue(folders[model]) if model in folders else str(tmp_path / "nowhere")
     out_dir = tmp_path / "out"
     if model == "full":
@@ -155,10 +197,11 @@ def test_bad_input_is_one_line_and_exit_2(model, args, message, request, tmp_pat
     assert len(lines) == 1 and lines[0].startswith("amprune: error: ") and message in lines[0], err
     if model != "full":
         assert not out_dir.exists()
+    assert not list(tmp_path.glob(".out.*"))  # no temporary folder left half-written
 
 
 def _must_not_load(*args, **kwargs):
-    raise AssertionError("the model was loaded before the bad input was refused")
+    raise AssertionError("the weights were read before the bad input was refused")
 
 
 def test_cheap_checks_come_before_converting_a_gguf(bad_gguf, tmp_path, calib_text, capsys, monkeypatch):

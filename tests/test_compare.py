@@ -6,11 +6,12 @@ import json
 
 import pytest
 import torch
-from conftest import save_tiny
+from helpers import save_tiny, tensors
 
 from amprune.cli import main
 from amprune.compare import CompareRequest, _duration, run_compare
 from amprune.errors import AmpruneError
+from amprune.pipeline import PruneRequest, prune
 
 
 def fake_evaluate(fail_on_calls: tuple[int, ...] = ()):
@@ -82,7 +83,7 @@ def test_bad_requests_fail_before_loading(tmp_path, calib_text):
     with pytest.raises(AmpruneError, match=r"^unknown scorer 'nope'"):
         run_compare(_request(tmp_path, calib_text, scorers=["amp", "nope"]), fake_evaluate())
     with pytest.raises(AmpruneError, match=r"^the obs scorer ranks units by the re-fit's own error, on the pruned "
-                       r"model's stream: it runs only in `amprune prune --reconstruct --one-pass`$"):
+                       r"model's stream: it runs only with --correction refit-one-pass$"):
         run_compare(_request(tmp_path, calib_text, scorers=["amp", "obs"]), fake_evaluate())
     with pytest.raises(AmpruneError, match=r"^--ratio must be in \[0, 1\), got 1.5$"):
         run_compare(_request(tmp_path, calib_text, ratios=[0.2, 1.5]), fake_evaluate())
@@ -99,7 +100,7 @@ def test_cli_compare_reports_bad_scorer(tmp_path, capsys):
     )
 
 
-def test_deepcopy_leaves_dense_model_intact(tmp_path, calib_text):
+def test_the_dense_model_and_each_run_are_separate_models(tmp_path, calib_text):
     seen = []
 
     def evaluate(model, tokenizer):
@@ -110,25 +111,42 @@ def test_deepcopy_leaves_dense_model_intact(tmp_path, calib_text):
     assert len(set(seen)) == 2
 
 
-def test_reconstruct_refits_every_run(tmp_path, calib_text):
-    """With reconstruct, the evaluated models have the same shapes but re-fitted output projections."""
+def test_refit_refits_every_run(tmp_path, calib_text):
+    """With --correction refit, the evaluated models have the same shapes but re-fitted output projections."""
     weights = {}
 
     def evaluate(model, tokenizer):
         weights.setdefault(len(weights), model.model.layers[0].self_attn.o_proj.weight.detach().clone())
         return {"perplexity": 1.0}
 
-    for flag in (False, True):
+    for correction in ("none", "refit"):
         weights.clear()
-        run_compare(_request(tmp_path, calib_text, scorers=["amp"], ratios=[0.3], reconstruct=flag,
-                             out=str(tmp_path / f"cmp{flag}")), evaluate)
-        if not flag:
+        run_compare(_request(tmp_path, calib_text, scorers=["amp"], ratios=[0.3], correction=correction,
+                             out=str(tmp_path / correction)), evaluate)
+        if correction == "none":
             plain = weights[1]
     refit = weights[1]
     assert refit.shape == plain.shape and refit.shape[1] < weights[0].shape[1]
     assert not torch.allclose(refit, plain)
-    saved = json.loads((tmp_path / "cmpTrue" / "compare.json").read_text())
-    assert saved["settings"]["reconstruct"] is True
+    saved = json.loads((tmp_path / "refit" / "compare.json").read_text())
+    assert saved["settings"]["correction"] == "refit"
+    assert not (tmp_path / "refit" / "runs").exists()  # every run's checkpoint deleted once evaluated
+
+
+def test_runs_equal_prune_of_the_same_scorer_and_ratio(tmp_path, calib_text):
+    """One pass for every run gives each the checkpoint `amprune prune` writes for its scorer and ratio."""
+    request = _request(tmp_path, calib_text, scorers=["amp", "wanda_sp"], ratios=[0.2, 0.5], keep_checkpoints=True,
+                       correction="refit")
+    run_compare(request, fake_evaluate())
+    for scorer in ("amp", "wanda_sp"):
+        for ratio in (0.2, 0.5):
+            alone = prune(PruneRequest(out=str(tmp_path / f"{scorer}{ratio}"), model=request.model, ratio=ratio,
+                                       scorer=scorer, correction="refit", calib=calib_text, samples=4, seq_len=32,
+                                       batch_size=2, progress=False))
+            got, want = tensors(tmp_path / "cmp" / "runs" / f"{scorer}@{ratio:g}"), tensors(alone.out)
+            assert sorted(got) == sorted(want)
+            for name in got:
+                assert (got[name] - want[name]).abs().max() <= 1e-5, name
 
 
 def test_progress_reports_runs_and_time_left(tmp_path, calib_text, caplog):

@@ -13,8 +13,8 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from conftest import random_model, tiny_config
 from gguf import GGUFReader, LlamaFileType
+from helpers import random_model, tiny_config
 
 from amprune.cli import main
 from amprune.errors import AmpruneError

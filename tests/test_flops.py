@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 from torch.utils.flop_counter import FlopCounterMode
 
 from amprune.flops import ModelCost, model_cost

@@ -7,17 +7,25 @@ import logging
 
 import pytest
 import torch
-from conftest import VOCAB, max_diff, save_tiny, tiny_model
-from test_surgery import random_plan
-from transformers import AutoConfig, AutoModelForCausalLM
+from helpers import (
+    budget_for,
+    family_and_dims,
+    max_diff,
+    random_plan,
+    random_samples,
+    run_engine,
+    save_tiny,
+    tiny_model,
+)
+from transformers import AutoModelForCausalLM
 
-from amprune.calibration import AmpStats, CalibrationSet, score_units
 from amprune.cli import main
+from amprune.engine import Run, RunResult
 from amprune.errors import AmpruneError
-from amprune.models import Dims, UnsupportedModelError, get_family
+from amprune.models import Dims, get_family
 from amprune.pipeline import PruneRequest, prune
 from amprune.plan import LayerPlan, Plan, make_budget
-from amprune.reconstruct import IllConditionedError, LayerChooser, NormalEquations, reconstruct, refit
+from amprune.reconstruct import DEFAULT_DAMPING, IllConditionedError, NormalEquations, refit
 from amprune.surgery import apply_plan, unit_params
 
 
@@ -42,10 +50,20 @@ def _plan(model, heads_kept: list[int], neurons_kept: list[int], head_ratio: flo
     return plan
 
 
-def _calib(lengths: list[int], seed: int = 0) -> CalibrationSet:
-    """Random token samples of the given lengths (unequal lengths make padded batches)."""
-    generator = torch.Generator().manual_seed(seed)
-    return CalibrationSet([torch.randint(4, 100, (n,), generator=generator) for n in lengths], "test", max(lengths), 0)
+def reconstruct(model, plan: Plan, lengths: list[int], batch_size: int = 2, damping: float = DEFAULT_DAMPING,
+                seed: int = 0) -> RunResult:
+    """The engine's re-fit of `model` in place, on exactly `plan`'s units (two streams: the dense one is
+    not needed to choose them), on random samples of the given lengths."""
+    run = Run("amp", plan.budget, "refit", given=plan.layers)
+    (result,) = run_engine(model, random_samples(lengths, seed), [run], batch_size, keep_layers=True, damping=damping)
+    return result
+
+
+def one_pass(model, budget, lengths: list[int], scorer: str = "amp", seed: int = 0) -> RunResult:
+    """The engine's one-pass re-fit of `model` in place: `scorer` chooses every layer on the pruned stream."""
+    (result,) = run_engine(model, random_samples(lengths, seed), [Run(scorer, budget, "refit-one-pass")],
+                           keep_layers=True)
+    return result
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -111,7 +129,7 @@ def test_nothing_pruned_returns_the_original_weights():
     model = tiny_model("llama_gqa")
     original = {name: p.clone() for name, p in model.named_parameters()}
     plan = _plan(model, list(range(6)), list(range(40)), 0.0, 0.0)
-    reconstruct(model, get_family("llama"), plan, _calib([20, 32, 32]), batch_size=2, progress=False)
+    reconstruct(model, plan, [20, 32, 32])
     for name, param in model.named_parameters():
         assert torch.equal(param, original[name]), name
 
@@ -142,7 +160,7 @@ def test_removed_units_that_are_linear_in_kept_ones_are_reconstructed_exactly():
         plain = copy.deepcopy(model)
         apply_plan(plain, family, plan)
         assert (plain(probe).logits - dense).abs().max() > 0.1  # plain surgery loses the removed units
-        reconstruct(model, family, plan, _calib([40, 33, 40, 25, 40, 40]), batch_size=4, damping=0.0, progress=False)
+        reconstruct(model, plan, [40, 33, 40, 25, 40, 40], batch_size=4, damping=0.0)
         assert [p.shape for p in model.parameters()] == [p.shape for p in plain.parameters()]
         assert torch.allclose(model(probe).logits, dense, atol=1e-3), max_diff(model(probe).logits, dense)
 
@@ -152,10 +170,9 @@ def test_report_matches_brute_force_and_refit_beats_surgery_in_every_layer():
     family = get_family("qwen2")
     dense = copy.deepcopy(model)
     plan = _plan(model, [0, 2], sorted([*range(0, 40, 2), 1, 3, 5]), 0.5, 0.425)
-    calib = _calib([30, 24, 30, 17, 30])
-    report = reconstruct(model, family, plan, calib, batch_size=2, progress=False)
-    errors = report["relative_calibration_error"]
-    assert len(errors) == 2 and report["mode"] == "sequential"
+    lengths = [30, 24, 30, 17, 30]
+    errors = reconstruct(model, plan, lengths).errors
+    assert [layer["layer"] for layer in errors] == [0, 1]
     for layer in errors:
         for proj in ("o_proj", "down_proj"):
             assert layer[proj]["refit"] <= layer[proj]["surgery"], layer
@@ -163,7 +180,7 @@ def test_report_matches_brute_force_and_refit_beats_surgery_in_every_layer():
     rows = []
     hook = family.o_proj(family.decoder_layers(dense)[0]).register_forward_pre_hook(lambda m, a: rows.append(a[0][0]))
     with torch.no_grad():
-        for sample in calib.samples:  # one at a time: no padding at all
+        for sample in random_samples(lengths).samples:  # one at a time: no padding at all
             dense(sample[None])
     hook.remove()
     x = torch.cat(rows)  # (tokens, H·d)
@@ -187,7 +204,7 @@ def test_dead_kept_channels_warn_naming_the_layer_and_keep_surgery_weights(caplo
         layer1.mlp.up_proj.weight[:30] = 0  # layer 1's kept neurons never fire
     expected = layer1.mlp.down_proj.weight[:, :30].clone()
     with caplog.at_level(logging.WARNING, logger="amprune.reconstruct"):
-        reconstruct(model, family, plan, _calib([24, 24]), progress=False)
+        reconstruct(model, plan, [24, 24])
     assert "reconstruction of layer 1 down_proj skipped, plain surgery weights kept" in caplog.text
     assert "all zero" in caplog.text
     assert torch.equal(layer1.mlp.down_proj.weight, expected)
@@ -198,9 +215,9 @@ def test_prune_with_reconstruct_saves_a_stock_checkpoint_with_the_plan(tmp_path,
     common = dict(model=folder, head_ratio=1 / 3, mlp_ratio=0.25, calib=calib_text, samples=4, seq_len=32,
                   progress=False)
     plain = prune(PruneRequest(out=None, **common))
-    result = prune(PruneRequest(out=str(tmp_path / "pruned"), reconstruct=True, **common))
+    result = prune(PruneRequest(out=str(tmp_path / "pruned"), correction="refit", **common))
     assert result.plan.layers == plain.plan.layers  # the same units go; only o_proj/down_proj differ
-    assert "reconstruct" in result.seconds and "surgery" not in result.seconds
+    assert result.plan.settings["correction"] == "refit"
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
     shapes = {n: p.shape for n, p in plain.model.named_parameters()}
     assert {n: p.shape for n, p in reloaded.named_parameters()} == shapes
@@ -212,50 +229,28 @@ def test_prune_with_reconstruct_saves_a_stock_checkpoint_with_the_plan(tmp_path,
 
 
 # Families with biases on o_proj/down_proj and parallel blocks (phi), post-block norms, sliding-window
-# and global layers with their own masks and rotary tables (gemma3_text). Built here from stock configs.
-OTHER_FAMILIES = {
-    "phi": ("phi", dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=4, intermediate_size=40,
-                        partial_rotary_factor=0.5), "group", 1),
-    "gemma3_text": ("gemma3_text", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
-                                        intermediate_size=48, query_pre_attn_scalar=16, sliding_window=6,
-                                        layer_types=["sliding_attention", "full_attention"]), "query", 2),
-}
+# and global layers with their own masks and rotary tables (gemma3_mqa): GQA mode and heads to remove.
+REFIT_FAMILIES = {"llama_gqa": ("query", 1), "qwen2": ("query", 1), "phi": ("group", 1), "gemma3_mqa": ("query", 2)}
 
 
-def _family_model(case: str):
-    if case in OTHER_FAMILIES:
-        model_type, sizes, mode, heads = OTHER_FAMILIES[case]
-        try:
-            get_family(model_type)
-        except UnsupportedModelError:
-            pytest.skip(f"family {model_type} is not registered")
-        overrides = dict(vocab_size=VOCAB, num_hidden_layers=2, max_position_embeddings=256, pad_token_id=0,
-                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, **sizes)
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **overrides), dtype=torch.float32)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                param.uniform_(0.5, 1.5) if "norm" in name else param.normal_(0.0, 0.2 if param.dim() > 1 else 0.1)
-        return model.eval(), mode, heads
-    return tiny_model(case), "query", 1
-
-
-@pytest.mark.parametrize("case", ["llama_gqa", "qwen2", "phi", "gemma3_text"])
+@pytest.mark.parametrize("case", sorted(REFIT_FAMILIES))
 def test_last_layer_error_matches_the_dense_layer_run_on_the_pruned_stream(case):
     """End to end through capture, replay and slicing, with the Family accessors only: the reported
     re-fit error of the last o_proj equals a brute-force comparison with the dense layer run on the
     inputs the pruned model gives it."""
-    model, mode, heads_removed = _family_model(case)
-    family = get_family(model.config.model_type)
-    dims = Dims.from_config(family.sizes_config(model.config))
+    model = tiny_model(case)
+    mode, heads_removed = REFIT_FAMILIES[case]
+    family, dims = family_and_dims(model)
     plan = random_plan(dims, mode, heads_removed, dims.intermediate_size // 2, seed=1)
+    plan.budget = budget_for(model, mode, head_ratio=heads_removed / (dims.group_size if mode == "query" else
+                                                                       dims.num_kv_heads), mlp_ratio=0.5)
     dense = copy.deepcopy(model)
-    calib = _calib([30, 21, 30], seed=2)
-    report = reconstruct(model, family, plan, calib, batch_size=2, progress=False)
+    lengths = [30, 21, 30]
+    errors = reconstruct(model, plan, lengths, seed=2).errors
     plain = copy.deepcopy(dense)
     apply_plan(plain, family, plan)
     assert {n: p.shape for n, p in model.named_parameters()} == {n: p.shape for n, p in plain.named_parameters()}
-    for layer in report["relative_calibration_error"]:
+    for layer in errors:
         assert layer[family.o]["refit"] <= layer[family.o]["surgery"]
         assert layer[family.down]["refit"] <= layer[family.down]["surgery"]
 
@@ -268,14 +263,14 @@ def test_last_layer_error_matches_the_dense_layer_run_on_the_pruned_stream(case)
     ]
     error = energy = 0.0
     with torch.no_grad():
-        for sample in calib.samples:  # one at a time: no padding
+        for sample in random_samples(lengths, seed=2).samples:  # one at a time: no padding
             model(sample[None], use_cache=False)
             dense_layer(*seen["args"], **seen["kwargs"])
             error += (seen["pruned"] - seen["dense"]).double().pow(2).sum().item()
             energy += seen["dense"].double().pow(2).sum().item()
     for hook in hooks:
         hook.remove()
-    assert report["relative_calibration_error"][-1][family.o]["refit"] == pytest.approx(error / energy, rel=1e-3)
+    assert errors[-1][family.o]["refit"] == pytest.approx(error / energy, rel=1e-3)
 
 
 
@@ -305,39 +300,34 @@ def _brute_force_amp(layer_in: list[tuple], dense_layer, pruned_layer, family, n
     return heads / len(layer_in), neurons / len(layer_in)
 
 
-@pytest.mark.parametrize("case", ["llama_gqa", "qwen2", "phi", "gemma3_text"])
+@pytest.mark.parametrize("case", sorted(REFIT_FAMILIES))
 def test_one_pass_scores_every_layer_on_the_pruned_stream(case):
     """One-pass mode: the last layer's AMP scores equal a brute-force computation with the dense layer on
     the inputs the pruned layers before it give (padding excluded), and it keeps the lowest-scoring units."""
-    model, mode, _ = _family_model(case)
-    family = get_family(model.config.model_type)
-    dims = Dims.from_config(family.sizes_config(model.config))
+    model = tiny_model(case)
+    mode = REFIT_FAMILIES[case][0]
+    family, dims = family_and_dims(model)
     dense = copy.deepcopy(model)
-    units = unit_params(family, family.decoder_layers(model)[0], dims)
-    budget = make_budget(dims, units, sum(p.numel() for p in model.parameters()), mode, None, 0.25, 0.3)
-    plan = Plan(dims, budget, [])
-    calib = _calib([30, 21, 30], seed=2)
-    stats = AmpStats(dims)
-    stats.num_samples = len(calib.samples)
-    chooser = LayerChooser("amp", dims, budget, stats, torch.Generator().manual_seed(0))
-    report = reconstruct(model, family, plan, calib, batch_size=2, progress=False, chooser=chooser)
-    assert report["scored_on"] == "pruned model (in this pass)" and len(plan.layers) == dims.num_layers
-    assert plan.dims_after == budget.dims_after(dims)
+    budget = budget_for(model, mode, head_ratio=0.25, mlp_ratio=0.3)
+    lengths = [30, 21, 30]
+    result = one_pass(model, budget, lengths, seed=2)
+    assert len(result.layers) == dims.num_layers
     assert sum(p.numel() for p in model.parameters()) == budget.params_after
 
     pruned_layer, dense_layer = family.decoder_layers(model)[-1], family.decoder_layers(dense)[-1]
     layer_in: list[tuple] = []
     hook = pruned_layer.register_forward_pre_hook(lambda m, a, kw: layer_in.append((a, kw)), with_kwargs=True)
     with torch.no_grad():
-        for sample in calib.samples:  # one at a time: no padding
+        for sample in random_samples(lengths, seed=2).samples:  # one at a time: no padding
             model(sample[None], use_cache=False)
     hook.remove()
     heads, neurons = _brute_force_amp(layer_in, dense_layer, pruned_layer, family, dims.num_heads, dims.head_dim)
-    last = plan.layers[-1]
+    last = result.layers[-1]
     assert torch.allclose(torch.tensor(last.head_scores, dtype=torch.float64), heads, rtol=1e-4)
     assert torch.allclose(torch.tensor(last.neuron_scores, dtype=torch.float64), neurons, rtol=1e-4)
     assert last.neurons_kept == sorted(neurons.argsort(stable=True)[budget.neurons_removed :].tolist())
-    dense_heads = score_units(["amp"], dense, family, dims, calib, 2, progress=False)[0]["amp"][0][-1]
+    (on_dense,) = run_engine(dense, random_samples(lengths, seed=2), [Run("amp", budget)])
+    dense_heads = torch.tensor(on_dense.layers[-1].head_scores, dtype=torch.float64)
     assert not torch.allclose(dense_heads, heads, rtol=1e-2)  # the dense model's own stream gives other scores
 
 
@@ -346,34 +336,33 @@ def test_prune_one_pass_saves_a_stock_checkpoint_and_its_first_heads_match_the_d
     common = dict(model=folder, head_ratio=1 / 3, mlp_ratio=0.25, calib=calib_text, samples=4, seq_len=32,
                   progress=False)
     plain = prune(PruneRequest(out=None, **common))
-    result = prune(PruneRequest(out=str(tmp_path / "pruned"), reconstruct=True, one_pass=True, **common))
-    assert "calibrate" not in result.seconds and "reconstruct" in result.seconds
+    result = prune(PruneRequest(out=str(tmp_path / "pruned"), correction="refit-one-pass", **common))
     # layer 0 sees the same embeddings either way: the same head scores, so the same heads
     assert result.plan.layers[0].head_scores == pytest.approx(plain.plan.layers[0].head_scores, rel=1e-5)
     assert result.plan.layers[0].heads_kept == plain.plan.layers[0].heads_kept
     saved = Plan.load(tmp_path / "pruned")
     assert saved.layers == result.plan.layers
-    assert saved.settings["reconstruction"]["scored_on"] == "pruned model (in this pass)"
+    assert saved.settings["correction"] == "refit-one-pass"
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
     shapes = {n: p.shape for n, p in plain.model.named_parameters()}
     assert {n: p.shape for n, p in reloaded.named_parameters()} == shapes
-    flap = prune(PruneRequest(out=None, reconstruct=True, one_pass=True, scorer="flap", **common))
+    flap = prune(PruneRequest(out=None, correction="refit-one-pass", scorer="flap", **common))
     assert sum(p.numel() for p in flap.model.parameters()) == flap.plan.budget.params_after
 
 
 def test_one_pass_bad_inputs(tmp_path, calib_text, capsys):
     common = dict(out=None, model=save_tiny(tmp_path / "dense", "llama_gqa"), ratio=0.2, calib=calib_text)
-    with pytest.raises(AmpruneError, match="--one-pass scores the layers during reconstruction: pass --reconstruct"):
-        prune(PruneRequest(one_pass=True, **common))
     args = ["--quiet", "prune", "--model", common["model"], "--ratio", "0.2", "--out", str(tmp_path / "o")]
-    assert main([*args, "--one-pass"]) == 2
-    assert "--one-pass scores the layers during reconstruction: pass --reconstruct too" in capsys.readouterr().err
+    assert main([*args, "--one-pass"]) == 2  # the deprecated flag alone meant nothing
+    assert "--one-pass cannot be combined that way; use --correction {none,bias,refit,refit-one-pass}" in (
+        capsys.readouterr().err)
     assert not (tmp_path / "o").exists()
-    with pytest.raises(AmpruneError, match="--one-pass cannot use --scorer taylor: it needs the whole model's grad"):
-        prune(PruneRequest(one_pass=True, reconstruct=True, scorer="taylor", **common))
+    with pytest.raises(AmpruneError, match=r"^--correction refit-one-pass cannot use --scorer taylor: it needs the "
+                       r"whole model's gradients$"):
+        prune(PruneRequest(correction="refit-one-pass", scorer="taylor", **common))
     with pytest.raises(AmpruneError, match=r"^unknown scorer 'nope'; choose from: amp, reversed, random, magnitude, "
                        r"wanda_sp, flap, obs$"):  # the scorers one pass can run
-        prune(PruneRequest(one_pass=True, reconstruct=True, scorer="nope", **common))
+        prune(PruneRequest(correction="refit-one-pass", scorer="nope", **common))
 
 
 def _damped_refit_error(x: torch.Tensor, weight: torch.Tensor, kept: list[int], lam: float) -> float:
@@ -385,22 +374,21 @@ def _damped_refit_error(x: torch.Tensor, weight: torch.Tensor, kept: list[int], 
     return (fit - target).pow(2).sum().item()
 
 
-@pytest.mark.parametrize("case", ["llama_gqa", "qwen2", "phi", "gemma3_text"])
+@pytest.mark.parametrize("case", sorted(REFIT_FAMILIES))
 def test_one_pass_obs_removes_the_heads_the_refit_misses_least(case):
     """`--scorer obs`: layer 0 (the embeddings feed it either way) loses, step by step, the head (or KV
     group) whose removal leaves the smallest damped re-fit error of the dense o_proj on its inputs — brute
     force from hooked inputs, one unpadded sample at a time — taking the same number from every KV group."""
-    model, mode, _ = _family_model(case)
-    family = get_family(model.config.model_type)
-    dims = Dims.from_config(family.sizes_config(model.config))
-    units = unit_params(family, family.decoder_layers(model)[0], dims)
-    budget = make_budget(dims, units, sum(p.numel() for p in model.parameters()), mode, None, 0.5, 0.3)
-    calib = _calib([30, 21, 30], seed=2)
+    model = tiny_model(case)
+    mode = REFIT_FAMILIES[case][0]
+    family, dims = family_and_dims(model)
+    budget = budget_for(model, mode, head_ratio=0.5, mlp_ratio=0.3)
+    lengths = [30, 21, 30]
     o_proj = family.o_proj(family.decoder_layers(model)[0])
     seen: list[torch.Tensor] = []
     hook = o_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0][0].double()))
     with torch.no_grad():
-        for sample in calib.samples:
+        for sample in random_samples(lengths, seed=2).samples:
             model(sample[None], use_cache=False)
     hook.remove()
     x, weight = torch.cat(seen), o_proj.weight.detach().double()
@@ -429,9 +417,7 @@ def test_one_pass_obs_removes_the_heads_the_refit_misses_least(case):
         removed.append(min(errors, key=errors.get))
     expected = sorted(set(range(dims.num_heads)) - {h for r in removed for h in unit_heads[r]})
 
-    plan = Plan(dims, budget, [])
-    chooser = LayerChooser("obs", dims, budget, None, torch.Generator().manual_seed(0))
-    reconstruct(model, family, plan, calib, batch_size=2, progress=False, chooser=chooser)
+    plan = one_pass(model, budget, lengths, scorer="obs", seed=2)
     assert plan.layers[0].heads_kept == expected
     for step, unit in enumerate(removed):  # the plan's scores are the removal order
         assert [plan.layers[0].head_scores[h] for h in unit_heads[unit]] == [step] * len(unit_heads[unit])
@@ -442,7 +428,7 @@ def test_one_pass_obs_removes_the_heads_the_refit_misses_least(case):
 def test_prune_one_pass_obs_saves_a_stock_checkpoint(tmp_path, calib_text):
     folder = save_tiny(tmp_path / "dense", "llama_gqa")
     result = prune(PruneRequest(out=str(tmp_path / "pruned"), model=folder, ratio=0.3, calib=calib_text, samples=4,
-                                seq_len=32, progress=False, reconstruct=True, one_pass=True, scorer="obs"))
+                                seq_len=32, progress=False, correction="refit-one-pass", scorer="obs", keep_model=True))
     saved = Plan.load(tmp_path / "pruned")
     assert saved.settings["method"] == "obs" and saved.layers == result.plan.layers
     for layer in saved.layers:  # the removed units are the lowest scores, in removal order 0, 1, …

@@ -6,10 +6,10 @@ import logging
 
 import pytest
 import torch
-from conftest import char_tokenizer, max_diff, save_tiny, tiny_model
+from helpers import char_tokenizer, max_diff, save_tiny, tiny_model
 from transformers import AutoModelForCausalLM
 
-from amprune.checkpoint import save_checkpoint
+from amprune.checkpoint import save_model
 from amprune.cli import main
 from amprune.errors import AmpruneError
 from amprune.models import get_family
@@ -80,7 +80,7 @@ def test_merged_checkpoint_loads_stock_and_equals_the_unmerged_model(tmp_path):
         unmerged = model(probe).logits
     assert (unmerged - base_logits).abs().max() > 1e-2  # the adapters changed the model
     merged = model.merge_and_unload()
-    save_checkpoint(merged, char_tokenizer(), None, get_family("mistral"), tmp_path / "out")
+    save_model(merged, char_tokenizer(), None, get_family("mistral"), tmp_path / "out", overwrite=False)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert not (tmp_path / "out" / PLAN_FILE).exists()
     assert not any("lora" in name for name, _ in reloaded.named_parameters())

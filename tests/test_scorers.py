@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
-from conftest import char_tokenizer, save_tiny, tiny_model
+from helpers import budget_for, char_tokenizer, family_and_dims, run_engine, save_tiny, tiny_model
 
-from amprune.calibration import calibration_set, score_units
+from amprune.calibration import batches, calibration_set
+from amprune.engine import Run
 from amprune.errors import AmpruneError
-from amprune.models import Dims, get_family
 from amprune.pipeline import PruneRequest, prune
-from amprune.plan import Budget, make_budget, select_units
+from amprune.plan import select_units
 from amprune.scoring import (
     SCORERS,
     flap_compensation,
@@ -20,7 +22,7 @@ from amprune.scoring import (
     taylor_scores,
     wanda_sp_scores,
 )
-from amprune.surgery import unit_params
+from amprune.stats import collect_gradients
 
 
 def test_magnitude_by_hand():
@@ -105,28 +107,33 @@ def _tensors(q, o, gate, up, down, mean, sq, grads, cols, perm_neurons, size):
 
 def _setup(case: str, calib_text: str):
     model = tiny_model(case)
-    family = get_family(model.config.model_type)
-    dims = Dims.from_config(model.config)
+    family, dims = family_and_dims(model)
     calib = calibration_set(calib_text, char_tokenizer(), num_samples=4, seq_len=32, seed=0)
     return model, family, dims, calib
 
 
-def _budget(model, family, dims: Dims, head_ratio: float, mlp_ratio: float) -> Budget:
-    units = unit_params(family, family.decoder_layers(model)[0], dims)
-    total = sum(p.numel() for p in model.parameters())
-    return make_budget(dims, units, total, "query", head_ratio=head_ratio, mlp_ratio=mlp_ratio)
+def engine_scores(model, calib, scorers: list[str], batch_size: int = 3, seed: int = 0, **settings) -> dict:
+    """{scorer: ((L, H) head scores, (L, I) neuron scores)} as the layer engine records them in the plan, from
+    one pass over a copy of `model` (every activation scorer reads the same dense-stream statistics), or over
+    `model` itself when it carries Taylor `gradients` (a copy would not)."""
+    budget = budget_for(model, mlp_ratio=0.05)
+    source = model if settings.get("gradients") else copy.deepcopy(model)
+    results = run_engine(source, calib, [Run(name, budget) for name in scorers], batch_size, seed=seed, **settings)
+    return {name: (torch.tensor([layer.head_scores for layer in result.layers], dtype=torch.float64),
+                   torch.tensor([layer.neuron_scores for layer in result.layers], dtype=torch.float64))
+            for name, result in zip(scorers, results, strict=True)}
 
 
 def test_reversed_removes_what_amp_keeps(calib_text):
-    model, family, dims, calib = _setup("llama_mha", calib_text)  # 4 heads, 48 neurons
-    scores, _ = score_units(["amp", "reversed"], model, family, dims, calib, batch_size=2)
-    half = _budget(model, family, dims, 0.5, 0.5)  # at one half, reversed keeps exactly what amp removes
+    model, _, dims, calib = _setup("llama_mha", calib_text)  # 4 heads, 48 neurons
+    scores = engine_scores(model, calib, ["amp", "reversed"], batch_size=2)
+    half = budget_for(model, head_ratio=0.5, mlp_ratio=0.5)  # at one half, reversed keeps exactly what amp removes
     amp = select_units(*scores["amp"], dims, half)
     rev = select_units(*scores["reversed"], dims, half)
     for a, r in zip(amp, rev, strict=True):
         assert r.heads_kept == sorted(set(range(4)) - set(a.heads_kept))
         assert r.neurons_kept == sorted(set(range(48)) - set(a.neurons_kept))
-    small = _budget(model, family, dims, 0.25, 10 / 48)  # elsewhere: same counts, the highest AMP scores removed
+    small = budget_for(model, head_ratio=0.25, mlp_ratio=10 / 48)  # elsewhere: same counts, the highest AMP scores go
     for a, r, heads in zip(select_units(*scores["amp"], dims, small), select_units(*scores["reversed"], dims, small),
                            scores["amp"][0], strict=True):
         assert len(r.heads_kept) == len(a.heads_kept) == 3 and len(r.neurons_kept) == len(a.neurons_kept) == 38
@@ -134,7 +141,8 @@ def test_reversed_removes_what_amp_keeps(calib_text):
 
 
 def test_activation_scorers_match_brute_force(calib_text):
-    """wanda_sp and flap from the shared hooked pass equal the formulas on the collected inputs."""
+    """wanda_sp and flap from the engine's shared dense-stream statistics equal the formulas on the collected
+    inputs."""
     model, family, dims, calib = _setup("llama_gqa", calib_text)
     inputs: dict[str, list[torch.Tensor]] = {"o": [], "down": []}
     layer = family.decoder_layers(model)[1]
@@ -148,7 +156,7 @@ def test_activation_scorers_match_brute_force(calib_text):
     for h in handles:
         h.remove()
     o_in, down_in = torch.cat(inputs["o"]).double(), torch.cat(inputs["down"]).double()  # (T, H·d), (T, I)
-    scores, stats = score_units(["wanda_sp", "flap"], model, family, dims, calib, batch_size=3)
+    scores = engine_scores(model, calib, ["wanda_sp", "flap"])
     o_w, down_w = family.o_proj(layer).weight.double(), family.down_proj(layer).weight.double()
 
     wanda_heads = (o_w.abs().sum(0) * o_in.pow(2).mean(0).sqrt()).view(dims.num_heads, -1).sum(1)
@@ -159,18 +167,15 @@ def test_activation_scorers_match_brute_force(calib_text):
     torch.testing.assert_close(scores["wanda_sp"][1][1], wanda_neurons, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(scores["flap"][0][1], flap_heads, rtol=1e-3, atol=1e-6)
     torch.testing.assert_close(scores["flap"][1][1], flap_neurons, rtol=1e-3, atol=1e-6)
-    # The means that bias compensation uses come from the same pass.
-    torch.testing.assert_close(stats.o_moments.mean_and_square(1)[0].double(), o_in.mean(0), rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(stats.down_moments.mean_and_square(1)[0].double(), down_in.mean(0), rtol=1e-4,
-                               atol=1e-6)
 
 
 def test_taylor_matches_autograd(calib_text):
     model, family, dims, calib = _setup("llama_gqa", calib_text)
-    scores, stats = score_units(["taylor"], model, family, dims, calib, batch_size=2)
-    assert stats is None  # no forward pass with hooks
-    assert all(p.grad is None for p in model.parameters())  # gradients are freed after scoring
-    assert all(p.requires_grad for p in model.parameters())  # and the trainable flags restored
+    scored = copy.deepcopy(model)
+    collect_gradients(scored, family, list(batches(calib.samples, 2, 0)), torch.device("cpu"), progress=False)
+    assert all(p.requires_grad for p in scored.parameters())  # the trainable flags are restored
+    assert scored.model.embed_tokens.weight.grad is None  # only decoder weights get gradients
+    scores = engine_scores(scored, calib, ["taylor"], gradients=True)
     for ids, in [(torch.stack(calib.samples[:2]),), (torch.stack(calib.samples[2:]),)]:
         model(input_ids=ids, labels=ids).loss.backward()
     layer = family.decoder_layers(model)[0]
@@ -181,10 +186,10 @@ def test_taylor_matches_autograd(calib_text):
 
 
 def test_random_is_seeded(calib_text):
-    model, family, dims, calib = _setup("qwen2", calib_text)
-    first = score_units(["random"], model, family, dims, calib, seed=3)[0]["random"]
-    again = score_units(["random"], model, family, dims, calib, seed=3)[0]["random"]
-    other = score_units(["random"], model, family, dims, calib, seed=4)[0]["random"]
+    model, _, _, calib = _setup("qwen2", calib_text)
+    first = engine_scores(model, calib, ["random"], seed=3)["random"]
+    again = engine_scores(model, calib, ["random"], seed=3)["random"]
+    other = engine_scores(model, calib, ["random"], seed=4)["random"]
     assert torch.equal(first[1], again[1]) and not torch.equal(first[1], other[1])
     assert first[0].shape == (2, 4) and first[1].shape == (2, 40)
 
@@ -250,6 +255,6 @@ def test_unknown_scorer_fails_before_loading(tmp_path):
     with pytest.raises(AmpruneError, match=r"^unknown scorer 'nope'; choose from: amp, reversed, random, magnitude, "
                        r"wanda_sp, flap, taylor$"):
         prune(PruneRequest(out=None, model=folder, ratio=0.3, scorer="nope", calib="no-such-file.txt"))
-    with pytest.raises(AmpruneError, match=r"^the obs scorer ranks units by .* it runs only in `amprune prune "
-                       r"--reconstruct --one-pass`$"):
-        prune(PruneRequest(out=None, model=folder, ratio=0.3, scorer="obs", reconstruct=True, calib="no-such.txt"))
+    with pytest.raises(AmpruneError, match=r"^the obs scorer ranks units by .* it runs only with --correction "
+                       r"refit-one-pass$"):
+        prune(PruneRequest(out=None, model=folder, ratio=0.3, scorer="obs", correction="refit", calib="no-such.txt"))

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
-from .calibration import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, usable_scorers
+from . import distributed
+from .calibration import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
+from .engine import CORRECTIONS
 from .errors import AmpruneError
 from .models import FAMILIES
 from .plan import GQA_MODES
 from .scoring import SCORERS
+from .stats import usable_scorers
+from .streams import PLACES
 
 logger = logging.getLogger("amprune")
 
@@ -56,14 +61,12 @@ def _add_prune(sub) -> None:
     p.add_argument("--out", required=True, help="output folder for the pruned checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument(
-        "--reconstruct", action="store_true",
-        help="re-fit every layer's o_proj/down_proj by least squares on the calibration tokens (no training)",
+        "--correction", choices=CORRECTIONS, default="none",
+        help="how removed units are made up for: none (AMP as published); bias (FLAP's mean compensation in "
+        "o_proj/down_proj biases, LLaMA only); refit (least-squares re-fit of o_proj/down_proj on the pruned "
+        "stream); refit-one-pass (the same, with the units also chosen on the pruned stream) (default: none)",
     )
-    p.add_argument(
-        "--one-pass", action="store_true",
-        help="with --reconstruct: score every layer in the reconstruction pass, on the pruned model's hidden states, "
-        "instead of in a separate pass over the dense model (a third less time on SmolLM2; not with --scorer taylor)",
-    )
+    _add_deprecated_corrections(p)
     budget = p.add_argument_group("how much to prune")
     budget.add_argument("--ratio", type=_fraction, help="fraction of all parameters to remove, in [0, 1) (AMP's c)")
     budget.add_argument("--head-ratio", type=_fraction,
@@ -80,19 +83,17 @@ def _add_prune(sub) -> None:
     )
     budget.add_argument(
         "--scorer", choices=SCORERS, default="amp",
-        help="how units are ranked: amp (default), a baseline (see `amprune compare`) or, with --reconstruct "
-        "--one-pass, obs (the units the least-squares re-fit makes up for best)",
-    )
-    budget.add_argument(
-        "--bias-compensation", action="store_true",
-        help="FLAP's bias compensation: the mean of what was removed goes into o_proj/down_proj biases "
-        "(LLaMA only: turns on attention_bias and mlp_bias)",
+        help="how units are ranked: amp (default), a baseline (see `amprune compare`) or, with --correction "
+        "refit-one-pass, obs (the units the least-squares re-fit makes up for best)",
     )
     _add_calibration(p)
     run = p.add_argument_group("runtime")
     run.add_argument("--dtype", help="float32 (default on CPU) | bfloat16 (default on CUDA) | float16")
     run.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
     run.add_argument("--no-verify", action="store_true", help="skip reloading the saved checkpoint to compare logits")
+    run.add_argument("--hidden-states", choices=PLACES, default="auto",
+                     help="where the calibration hidden states live between layers: ram, disk (a file in the "
+                     "output's temporary folder) or auto (disk only when RAM is short) (default: auto)")
     ev = p.add_argument_group("evaluation: dense vs pruned, side by side")
     ev.add_argument(
         "--eval", metavar="SPEC",
@@ -116,15 +117,37 @@ def _run_prune(args) -> None:
             gqa_mode=args.gqa_mode, round_to=args.round_to, calib=args.calib, samples=args.samples,
             seq_len=args.seq_len, seed=args.seed,
             batch_size=args.batch_size, dtype=args.dtype, device=args.device, overwrite=args.overwrite,
-            verify=not args.no_verify, progress=not args.quiet, reconstruct=args.reconstruct, one_pass=args.one_pass,
-            scorer=args.scorer,
-            bias_compensation=args.bias_compensation,
+            verify=not args.no_verify, progress=not args.quiet, correction=_correction(args), scorer=args.scorer,
+            hidden_states=args.hidden_states, keep_model=evaluation is not None,
         )
     )
-    print(run_summary(result.plan, result.seconds, result.peak_memory_bytes))
+    if distributed.rank() != 0:
+        return
+    print(run_summary(result.plan, result.seconds, result.memory))
     print(f"saved: {result.out}  (loads with AutoModelForCausalLM.from_pretrained)")
     if evaluation:
         _eval_dense_and_pruned(args, result, evaluation)
+
+
+def _add_deprecated_corrections(p) -> None:
+    """The three booleans `--correction` replaced, hidden, for one release."""
+    for flag in ("--reconstruct", "--one-pass", "--bias-compensation"):
+        p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+
+
+def _correction(args) -> str:
+    """--correction, or what the deprecated booleans meant (with a warning)."""
+    old = [flag for flag, on in (("--reconstruct", args.reconstruct), ("--one-pass", args.one_pass),
+                                 ("--bias-compensation", getattr(args, "bias_compensation", False))) if on]
+    if not old:
+        return args.correction
+    meaning = {("--reconstruct",): "refit", ("--reconstruct", "--one-pass"): "refit-one-pass",
+               ("--bias-compensation",): "bias"}.get(tuple(old))
+    if meaning is None or args.correction != "none":
+        raise AmpruneError(f"{' '.join(old)} cannot be combined that way; use --correction "
+                           f"{{{','.join(CORRECTIONS)}}}")
+    logger.warning("%s is deprecated: use --correction %s", " ".join(old), meaning)
+    return meaning
 
 
 def _prune_eval_request(args):
@@ -251,7 +274,9 @@ def _add_compare(sub) -> None:
     p.add_argument("--ratios", type=_fractions, default=[0.1, 0.2, 0.3, 0.5],
                    help="comma-separated fractions of all parameters (default: 0.1,0.2,0.3,0.5)")
     p.add_argument("--gqa-mode", choices=GQA_MODES, default="query", help="as for `prune` (default: query)")
-    p.add_argument("--reconstruct", action="store_true", help="re-fit o_proj/down_proj in every run, as for `prune`")
+    p.add_argument("--correction", choices=[c for c in CORRECTIONS if c != "bias"], default="none",
+                   help="every run's correction, as for `prune` (default: none)")
+    _add_deprecated_corrections(p)
     _add_calibration(p)
     ev = p.add_argument_group("evaluation")
     ev.add_argument("--tasks", default="amp5", help="zero-shot tasks or aliases (amp5, all7) or 'none' (default: amp5)")
@@ -273,8 +298,8 @@ def _run_compare(args) -> None:
     request = CompareRequest(
         out=args.out, model=args.model, scorers=args.scorers, ratios=args.ratios, gqa_mode=args.gqa_mode,
         calib=args.calib, samples=args.samples, seq_len=args.seq_len, seed=args.seed, batch_size=args.batch_size,
-        tasks=None if args.tasks == "none" else args.tasks, limit=args.limit, ppl_source=args.ppl_source,
-        ppl_seq_len=args.ppl_seq_len, ppl_windows=args.ppl_windows, reconstruct=args.reconstruct, dtype=args.dtype,
+        tasks=None if args.tasks == "none" else args.tasks, limit=args.limit, ppl=args.ppl_source,
+        ppl_seq_len=args.ppl_seq_len, ppl_windows=args.ppl_windows, correction=_correction(args), dtype=args.dtype,
         device=args.device, progress=not args.quiet,
     )
     results = run_compare(request)
@@ -489,6 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if int(os.environ.get("RANK", "0")) > 0:  # torchrun: rank 0 alone reports
+        args.quiet = True
     logging.basicConfig(
         level="WARNING" if args.quiet else args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
     )
@@ -501,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
     except AmpruneError as err:
         print(f"amprune: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        distributed.stop()
     return 0
 
 

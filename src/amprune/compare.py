@@ -1,9 +1,11 @@
 """`amprune compare`: every scorer on the same model, calibration, plan rules, surgery and evaluation.
 
-One calibration pass feeds all activation scorers (Taylor adds a backward pass); then every
-(scorer, ratio) pair is planned with the same budget, sliced from a fresh copy of the dense model
-(optionally with reconstruction) and evaluated. Results are rewritten after every run, so finished
-runs survive a later failure:
+One pass of the layer engine (`amprune.engine`) prunes every (scorer, ratio) pair at once: each layer is
+read once, run once on the dense stream (all activation scorers share its statistics; Taylor adds its
+whole-model backward pass first), then every run chooses, corrects and slices its own copy and writes
+it into its own checkpoint under OUT/runs/. The runs are then evaluated one after the other (each
+checkpoint deleted once evaluated, unless `keep_checkpoints`). Results are rewritten after every
+evaluation, so finished runs survive a later failure:
 
     OUT/compare.json   settings, dense and per-run metrics (errors included)
     OUT/compare.md     the Markdown table
@@ -13,11 +15,11 @@ runs survive a later failure:
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -26,19 +28,24 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .calibration import calibration_set, check_scorers, read_calibration, score_units
+from .calibration import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, batches, calibration_set, read_calibration
+from .checkpoint import CheckpointWriter, output_config, saved_model_type
+from .engine import CORRECTIONS, LayerEngine, Run, Settings
 from .errors import AmpruneError
-from .models.loading import load_model, load_tokenizer, resolve_device_dtype
-from .pipeline import describe_model
-from .plan import Plan, check_ratios, select_units
-from .reconstruct import reconstruct
-from .surgery import apply_plan
+from .models.loading import load_model, load_tokenizer, parse_dtype, resolve_device
+from .pipeline import describe_model, open_weights
+from .plan import check_ratios
+from .scoring import SCORERS, Needs
+from .stats import check_scorers, collect_gradients
 from .versions import package_versions
 
 logger = logging.getLogger(__name__)
 
 # An evaluation: (model, tokenizer) → {"perplexity": float, "accuracy": {task: fraction}}.
 Evaluate = Callable[[torch.nn.Module, object], dict]
+
+DEFAULT_SCORERS = ["amp", "wanda_sp", "flap", "magnitude", "random"]
+DEFAULT_RATIOS = [0.1, 0.2, 0.3, 0.5]
 
 
 @dataclass
@@ -47,20 +54,22 @@ class CompareRequest:
 
     out: str
     model: str | None = None
-    scorers: list[str] = field(default_factory=lambda: ["amp", "wanda_sp", "flap", "magnitude", "random"])
-    ratios: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.5])
+    scorers: list[str] = field(default_factory=lambda: list(DEFAULT_SCORERS))
+    ratios: list[float] = field(default_factory=lambda: list(DEFAULT_RATIOS))
     gqa_mode: str = "query"
+    correction: str = "none"  # every run's correction, as for `prune` (bias compensation excepted)
     calib: str = "c4"
-    samples: int = 64
-    seq_len: int = 512
+    samples: int = DEFAULT_SAMPLES
+    seq_len: int = DEFAULT_SEQ_LEN
     seed: int = 0
-    batch_size: int = 8
+    batch_size: int = 8  # calibration samples per forward pass
     tasks: str | None = "amp5"  # None: perplexity only
     limit: int | None = None  # first `limit` documents of every task
-    ppl_source: str = "wiki"
+    eval_batch_size: int = 8
+    ppl: str = "wiki"
     ppl_seq_len: int = 512
     ppl_windows: int | None = None
-    reconstruct: bool = False  # every run re-fits o_proj/down_proj during surgery (amprune.reconstruct)
+    keep_checkpoints: bool = False  # keep every run's checkpoint under OUT/runs/
     dtype: str | None = None
     device: str | None = None
     progress: bool = True
@@ -71,11 +80,10 @@ def default_evaluate(request: CompareRequest) -> Evaluate:
     from .evaluation import perplexity, zero_shot
 
     def evaluate(model: torch.nn.Module, tokenizer) -> dict:
-        ppl = perplexity(model, tokenizer, request.ppl_source, request.ppl_seq_len, request.ppl_windows,
-                         progress=False)
+        ppl = perplexity(model, tokenizer, request.ppl, request.ppl_seq_len, request.ppl_windows, progress=False)
         metrics = {"perplexity": ppl["ppl"]}
         if request.tasks:
-            tasks = zero_shot(model, tokenizer, request.tasks, request.limit, request.batch_size)["tasks"]
+            tasks = zero_shot(model, tokenizer, request.tasks, request.limit, request.eval_batch_size)["tasks"]
             metrics["accuracy"] = {name: task["headline"] for name, task in tasks.items()}
         return metrics
 
@@ -96,94 +104,126 @@ def _duration(seconds: float) -> str:
     return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
 
 
-def run_compare(request: CompareRequest, evaluate: Evaluate | None = None) -> dict:
-    """Run every (scorer, ratio) pair and write OUT/compare.{json,md} and the plots; returns the results."""
-    # Fail before the expensive part: scorers, ratios, tasks and the output folder.
-    check_scorers(request.scorers)
+def check_compare(request: CompareRequest) -> None:
+    """The checks that need no model."""
     if not request.scorers or not request.ratios:
         raise AmpruneError("give at least one scorer (--scorers) and one ratio (--ratios)")
+    check_scorers(request.scorers, request.correction == "refit-one-pass")
+    if request.correction not in CORRECTIONS or request.correction == "bias":
+        choices = ", ".join(c for c in CORRECTIONS if c != "bias")
+        raise AmpruneError(f"compare --correction must be one of: {choices} (got '{request.correction}')")
     if request.tasks:
         from .evaluation import resolve_tasks
 
         resolve_tasks(request.tasks)
-    if request.limit is not None and request.limit <= 0:
-        raise AmpruneError(f"--limit must be positive, got {request.limit}")
+    for flag, value in (("--limit", request.limit), ("--batch-size", request.batch_size),
+                        ("--eval-batch-size", request.eval_batch_size)):
+        if value is not None and value <= 0:
+            raise AmpruneError(f"{flag} must be positive, got {value}")
     for ratio in request.ratios:
         check_ratios(ratio, None, None)
+    parse_dtype(request.dtype)
+
+
+def run_compare(request: CompareRequest, evaluate: Evaluate | None = None) -> dict:
+    """Prune every (scorer, ratio) pair in one pass, evaluate each and write OUT/compare.{json,md} and plots."""
+    # Fail before the expensive part: scorers, ratios, tasks and the output folder.
+    check_compare(request)
     calib_text = read_calibration(request.calib, request.samples, request.seq_len)
     info = describe_model(request.model)  # converts a .gguf (once)
-    budgets = {ratio: info.budget(request.gqa_mode, ratio) for ratio in request.ratios}
+    budgets = {ratio: info.budget(request.gqa_mode, ratio=ratio) for ratio in request.ratios}
     out = Path(request.out)
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        (out / "runs").mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise AmpruneError(f"cannot create the output folder {out}: {err.strerror}") from None
     evaluate = evaluate or default_evaluate(request)
-    device, dtype = resolve_device_dtype(request.device, request.dtype)
+    device = resolve_device(request.device)
     tokenizer = load_tokenizer(info.source)
     calib = calibration_set(calib_text, tokenizer, request.samples, request.seq_len, request.seed)
-
-    model = load_model(info.source, device, dtype)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    # One pass of the layer engine prunes every run; each writes its own checkpoint.
     tick = time.perf_counter()
-    scores, _ = score_units(request.scorers, model, info.family, info.dims, calib, request.batch_size, pad_id,
-                         request.seed, request.progress)
+    gradients = any(SCORERS[name].needs is Needs.GRADIENTS for name in request.scorers)
+    source = open_weights(info, device, parse_dtype(request.dtype), whole=gradients)
+    if gradients:
+        todo = list(batches(calib.samples, request.batch_size, pad_id))
+        collect_gradients(source.model, info.family, todo, device, request.progress)
+    pairs = [(scorer, ratio) for ratio in request.ratios for scorer in request.scorers]
+    runs = []
+    for scorer, ratio in pairs:
+        dims_after = budgets[ratio].dims_after(info.dims)
+        config = output_config(info.config, info.family, dims_after, saved_model_type(info.family, info.config,
+                                                                                        dims_after))
+        writer = CheckpointWriter(out / "runs" / f"{scorer}@{ratio:g}", True, config, source.stored_dtype,
+                                  info.family.layers + ".")
+        runs.append(Run(scorer, budgets[ratio], request.correction, writer))
+    settings = Settings(batch_size=request.batch_size, pad_id=pad_id, seed=request.seed, workspace=out / "runs",
+                        save_dtype=source.stored_dtype, gradients=gradients, progress=request.progress,
+                        isolate_failures=True)
+    run_results, _ = LayerEngine(source, calib, calib.samples[0][:16], runs, settings).run()
+    del source
     results = {
         "settings": {**asdict(request), "model_type": info.config.model_type, "device": str(device),
-                     "dtype": str(dtype).removeprefix("torch."), "calibration_tokens": calib.num_tokens},
+                     "calibration_tokens": calib.num_tokens},
         "dims": asdict(info.dims),
         "scoring_seconds": time.perf_counter() - tick,
         "versions": package_versions(),
         "dense": None,
         "runs": [],
     }
-    if "amp" in scores:
-        plot_amp_heatmap(*scores["amp"], out / "amp_scores.png")
+    amp = next((r for (scorer, _), r in zip(pairs, run_results, strict=True) if scorer == "amp" and r.error is None),
+               None)
+    if amp is not None:
+        plot_amp_heatmap(torch.tensor([layer.head_scores for layer in amp.layers]),
+                         torch.tensor([layer.neuron_scores for layer in amp.layers]), out / "amp_scores.png")
 
     logger.info("evaluating the dense model")
     tick = time.perf_counter()
-    results["dense"] = {"params": info.total_params, **_with_average(evaluate(model, tokenizer)),
+    dense = load_model(info.source, device, parse_dtype(request.dtype) or runs[0].writer.dtype)
+    results["dense"] = {"params": info.total_params, **_with_average(evaluate(dense, tokenizer)),
                         "seconds": time.perf_counter() - tick}
+    del dense
     write_outputs(results, out)
 
-    def pruned_copy(plan: Plan) -> torch.nn.Module:
-        pruned = copy.deepcopy(model)
-        if request.reconstruct:
-            reconstruct(pruned, info.family, plan, calib, request.batch_size, pad_id, progress=False)
-        else:
-            apply_plan(pruned, info.family, plan)
-        return pruned
-
     # Ratio by ratio, all scorers each time: if the time runs out, what finished is comparable.
-    pairs = [(scorer, ratio) for ratio in request.ratios for scorer in request.scorers]
     started = time.perf_counter()
-    bar = tqdm(pairs, desc="compare", unit="run", disable=not request.progress)
-    for index, (scorer, ratio) in enumerate(bar):
+    bar = tqdm(list(zip(pairs, runs, run_results, strict=True)), desc="compare", unit="run",
+               disable=not request.progress)
+    for index, ((scorer, ratio), run, result) in enumerate(bar):
         done = time.perf_counter() - started
         left = f"about {_duration(done / index * (len(pairs) - index))} left" if index else "time left unknown yet"
         bar.set_description(f"{scorer} @ {ratio:g}")
         logger.info("run %d/%d: %s at ratio %g (%s)", index + 1, len(pairs), scorer, ratio, left)
-        run = _one_run(pruned_copy, tokenizer, info, budgets[ratio], scorer, ratio, scores[scorer], evaluate)
-        results["runs"].append(run)
+        row = _evaluate_run(run, result, tokenizer, info.source, device, evaluate)
+        results["runs"].append({"scorer": scorer, "ratio": ratio, **row})
+        if not request.keep_checkpoints:
+            shutil.rmtree(run.writer.out, ignore_errors=True)
         write_outputs(results, out)
+    if not request.keep_checkpoints:
+        shutil.rmtree(out / "runs", ignore_errors=True)
     return results
 
 
-def _one_run(pruned_copy, tokenizer, info, budget, scorer: str, ratio: float, scores, evaluate: Evaluate) -> dict:
-    """Plan, prune a copy of the dense model and evaluate it; a failure becomes an `error` entry."""
-    row = {"scorer": scorer, "ratio": ratio, "achieved_fraction": budget.achieved_fraction,
-           "params": budget.params_after}
+def _evaluate_run(run: Run, result, tokenizer, source: str, device: torch.device, evaluate: Evaluate) -> dict:
+    """Finish the run's checkpoint, load it with stock transformers and evaluate it; a failure (of the
+    pass or of the evaluation) becomes an `error` entry."""
+    row = {"achieved_fraction": run.budget.achieved_fraction, "params": run.budget.params_after}
     tick = time.perf_counter()
-    pruned = None
+    model = None
     try:
-        plan = Plan(dims=info.dims, budget=budget, layers=select_units(*scores, info.dims, budget))
-        pruned = pruned_copy(plan)
-        row.update(_with_average(evaluate(pruned, tokenizer)))
+        if result.error is not None:
+            raise RuntimeError(result.error)
+        folder = run.writer.finish(tokenizer, None, source)
+        model = load_model(str(folder), device, run.writer.dtype)
+        row.update(_with_average(evaluate(model, tokenizer)))
     except Exception as err:  # one failed run must not lose the others
-        logger.error("run %s at ratio %g failed: %s", scorer, ratio, err, exc_info=logger.isEnabledFor(logging.DEBUG))
+        logger.error("run %s at ratio %g failed: %s", run.scorer, run.budget.target_fraction, err,
+                     exc_info=logger.isEnabledFor(logging.DEBUG))
         row["error"] = f"{type(err).__name__}: {err}"
     finally:
-        del pruned
+        del model
     row["seconds"] = time.perf_counter() - tick
     return row
 

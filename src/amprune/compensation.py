@@ -11,7 +11,7 @@ family's config has a standard flag that creates it:
 - Mistral (no bias flags) and Qwen2 (q/k/v biases only, none on o_proj): refused, with the reason.
 
 The check is generic: build the flagged config's model on the meta device and look for the o_proj and
-down_proj biases.
+down_proj biases; the layer engine then gives each layer the biases that model has, as zeros.
 """
 
 from __future__ import annotations
@@ -21,20 +21,21 @@ import copy
 import torch
 from torch import nn
 
-from .calibration import Moments
 from .errors import AmpruneError
-from .models.base import Family
-from .plan import Plan
+from .models.base import Dims, Family
+from .plan import LayerPlan
 from .scoring import flap_compensation
+from .stats import LayerStats
+from .surgery import dropped_inputs
 
 BIAS_FLAGS = ("attention_bias", "mlp_bias")
 
 
-def _skeleton(config) -> nn.Module:
+def _first_layer(config, family: Family) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return family.decoder_layers(AutoModelForCausalLM.from_config(config))[0]
 
 
 def biased_config(config, family: Family):
@@ -43,45 +44,40 @@ def biased_config(config, family: Family):
     flagged = copy.deepcopy(config)
     for flag in BIAS_FLAGS:
         setattr(family.sizes_config(flagged), flag, True)
-    layer = family.decoder_layers(_skeleton(flagged))[0]
+    layer = _first_layer(flagged, family)
     if family.o_proj(layer).bias is None or family.down_proj(layer).bias is None:
         raise AmpruneError(
             f"bias compensation needs o_proj and down_proj biases, which a stock '{config.model_type}' config "
-            f"cannot hold (no standard flag adds them); prune without --bias-compensation"
+            f"cannot hold (no standard flag adds them); prune without --correction bias"
         )
     return flagged
 
 
-def add_zero_biases(model: nn.Module, family: Family, flagged_config) -> int:
-    """Give `model` every bias the flagged stock config has, as zeros; returns the parameters added."""
-    added = 0
-    for name, reference in _skeleton(flagged_config).named_modules():
-        if isinstance(reference, nn.Linear) and reference.bias is not None:
-            linear = model.get_submodule(name)
-            if linear.bias is None:
-                weight = linear.weight
-                linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=weight.dtype, device=weight.device),
-                                           requires_grad=weight.requires_grad)
-                added += linear.out_features
-    for flag in BIAS_FLAGS:
-        setattr(family.sizes_config(model.config), flag, True)
-    return added
+def biased_linears(flagged_config, family: Family) -> frozenset[str]:
+    """The names (inside a decoder layer) of every linear layer the flagged config gives a bias."""
+    layer = _first_layer(flagged_config, family)
+    return frozenset(name for name, m in layer.named_modules() if isinstance(m, nn.Linear) and m.bias is not None)
+
+
+def add_zero_biases(layer: nn.Module, names: frozenset[str]) -> None:
+    """Give the linear layers `names` of `layer` a zero bias where they have none."""
+    for name in names:
+        linear = layer.get_submodule(name)
+        if linear.bias is None:
+            weight = linear.weight
+            linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=weight.dtype, device=weight.device),
+                                       requires_grad=weight.requires_grad)
 
 
 @torch.no_grad()
-def compensate(model: nn.Module, family: Family, plan: Plan, o_moments: Moments, down_moments: Moments) -> None:
-    """Add the mean contribution of every unit the plan drops to o_proj/down_proj biases; before surgery.
+def compensate_layer(layer: nn.Module, family: Family, dims: Dims, keep: LayerPlan, stats: LayerStats) -> None:
+    """Add the mean contribution of every unit `keep` drops to o_proj/down_proj biases; before surgery.
 
-    Args:
-        o_moments, down_moments: calibration moments of the o_proj and down_proj inputs (their means).
+    `stats` holds the dense stream's input moments of this layer's o_proj and down_proj.
     """
-    d = plan.dims.head_dim
-    for index, (layer, keep) in enumerate(zip(family.decoder_layers(model), plan.layers, strict=True)):
-        o_mean, down_mean = o_moments.mean_and_square(index)[0], down_moments.mean_and_square(index)[0]
-        dropped_heads = sorted(set(range(plan.dims.num_heads)) - set(keep.heads_kept))
-        dropped_channels = [h * d + j for h in dropped_heads for j in range(d)]
-        dropped_neurons = sorted(set(range(plan.dims.intermediate_size)) - set(keep.neurons_kept))
-        for linear, mean, dropped in ((family.o_proj(layer), o_mean, dropped_channels),
-                                      (family.down_proj(layer), down_mean, dropped_neurons)):
-            if dropped:
-                linear.bias += flap_compensation(linear.weight, mean, dropped).to(linear.bias.dtype)
+    o_channels, neurons = dropped_inputs(keep, dims)
+    for linear, moments, dropped in ((family.o_proj(layer), stats.o_moments, o_channels),
+                                     (family.down_proj(layer), stats.down_moments, neurons)):
+        if dropped:
+            mean = moments.mean_and_square()[0]
+            linear.bias += flap_compensation(linear.weight, mean, dropped).to(linear.bias.dtype)

@@ -1,7 +1,9 @@
 """The end-to-end story of `amprune prune`, one call per step.
 
-load config → validate the request → calibrate (one hooked pass) → score → plan → surgery → verify
-→ save a standard Hugging Face checkpoint. Every check that can fail runs before the model is loaded.
+validate the whole request (nothing expensive yet) → open the weights lazily → one sequential pass over
+the decoder layers (score, choose, slice, re-fit, write; `amprune.engine`) → finish the checkpoint →
+reload it with stock transformers and compare the probe's logits. Every check that can fail runs
+before a weight is read.
 """
 
 from __future__ import annotations
@@ -11,19 +13,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import psutil
 import torch
 
-from .calibration import (
-    DEFAULT_SAMPLES,
-    DEFAULT_SEQ_LEN,
-    AmpStats,
-    calibration_set,
-    check_scorers,
-    read_calibration,
-    score_units,
-)
-from .checkpoint import check_output_dir, save_and_verify, saved_model_type
-from .compensation import add_zero_biases, biased_config, compensate
+from . import distributed
+from .calibration import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, batches, calibration_set, read_calibration
+from .checkpoint import CheckpointWriter, check_output_dir, output_config, saved_model_type, verify_reload
+from .compensation import biased_config, biased_linears
+from .engine import CORRECTIONS, LayerEngine, Report, Run, Settings
 from .errors import AmpruneError
 from .models import Dims, Family, get_family
 from .models.loading import (
@@ -31,15 +28,18 @@ from .models.loading import (
     load_config,
     load_model,
     load_tokenizer,
-    resolve_device_dtype,
+    parse_dtype,
+    resolve_device,
     resolve_model,
 )
-from .plan import Budget, Plan, UnitParams, check_ratios, make_budget, select_units
-from .reconstruct import LayerChooser, reconstruct
-from .resources import peak_memory_bytes, reset_peak_memory
-from .scoring import SCORERS
-from .surgery import apply_plan, unit_params
+from .plan import Budget, Plan, UnitParams, check_ratios, make_budget
+from .resources import peak_memory, reset_peak_memory
+from .scoring import SCORERS, Needs
+from .stats import check_scorers, collect_gradients
+from .streams import GIB, PLACES
+from .surgery import unit_params
 from .versions import package_versions
+from .weights import Checkpoint, InMemory, NoSafetensorsError, local_folder
 
 logger = logging.getLogger(__name__)
 
@@ -48,37 +48,37 @@ logger = logging.getLogger(__name__)
 class PruneRequest:
     """Everything `amprune prune` is asked to do; the CLI builds one, so can Python callers."""
 
-    out: str | None  # None: prune in memory only
+    out: str | None  # None: prune in memory only (the model comes back in the result)
     model: str | None = None  # None: the packaged SmolLM2-135M-Instruct
     ratio: float | None = None
     head_ratio: float | None = None
     mlp_ratio: float | None = None
     gqa_mode: str = "query"
     round_to: int = 1  # keep a multiple of this many neurons per layer (1: AMP's exact rule)
+    scorer: str = "amp"  # a name in amprune.scoring.SCORERS
+    correction: str = "none"  # how removed units are made up for: none | bias | refit | refit-one-pass
     calib: str = "c4"
     samples: int = DEFAULT_SAMPLES
     seq_len: int = DEFAULT_SEQ_LEN
     seed: int = 0  # draws calibration samples (and the `random` scorer's scores)
     batch_size: int = 8
-    dtype: str | None = None
+    dtype: str | None = None  # None: the checkpoint's own dtype
     device: str | None = None
+    hidden_states: str = "auto"  # where calibration hidden states live: auto | ram | disk
     overwrite: bool = False
     verify: bool = True
+    keep_model: bool = False  # also return the pruned model in memory when saving (small models)
     progress: bool = True
-    scorer: str = "amp"  # a name in amprune.scoring.SCORERS
-    bias_compensation: bool = False  # FLAP's mean compensation in o_proj/down_proj biases (compensation.py)
-    reconstruct: bool = False  # re-fit o_proj/down_proj by least squares during surgery (reconstruct.py)
-    one_pass: bool = False  # with reconstruct: score every layer in the reconstruction pass (reconstruct.LayerChooser)
 
 
 @dataclass
 class PruneResult:
-    model: torch.nn.Module
-    tokenizer: object
     plan: Plan
     out: Path | None
+    model: torch.nn.Module | None = None  # the pruned model, when kept in memory
+    tokenizer: object = None
     seconds: dict[str, float] = field(default_factory=dict)
-    peak_memory_bytes: int = 0
+    memory: dict = field(default_factory=dict)  # peak memory, model and hidden-state sizes (see `run_summary`)
 
 
 def _count_params(config) -> tuple[int, object]:
@@ -101,14 +101,8 @@ class ModelInfo:
     total_params: int
     units: UnitParams
 
-    def budget(
-        self,
-        gqa_mode: str,
-        ratio: float | None = None,
-        head_ratio: float | None = None,
-        mlp_ratio: float | None = None,
-        round_to: int = 1,
-    ) -> Budget:
+    def budget(self, gqa_mode: str, *, ratio: float | None = None, head_ratio: float | None = None,
+               mlp_ratio: float | None = None, round_to: int = 1) -> Budget:
         """The validated per-layer removal counts for a request (see `amprune.plan.make_budget`)."""
         budget = make_budget(
             self.dims, self.units, self.total_params, gqa_mode, ratio, head_ratio, mlp_ratio,
@@ -137,104 +131,141 @@ def describe_model(model: str | None, bias_compensation: bool = False) -> ModelI
     return ModelInfo(source, config, family, dims, total_params, units)
 
 
+def check_request(request: PruneRequest) -> None:
+    """The checks that need no model: options, ratios, scorer, output folder."""
+    if request.correction not in CORRECTIONS:
+        raise AmpruneError(f"unknown --correction '{request.correction}'; choose one of: {', '.join(CORRECTIONS)}")
+    if request.hidden_states not in PLACES:
+        raise AmpruneError(f"unknown --hidden-states '{request.hidden_states}'; choose one of: {', '.join(PLACES)}")
+    if request.batch_size <= 0:
+        raise AmpruneError(f"--batch-size must be positive, got {request.batch_size}")
+    parse_dtype(request.dtype)
+    check_ratios(request.ratio, request.head_ratio, request.mlp_ratio)
+    check_scorers([request.scorer], request.correction == "refit-one-pass")
+    if request.out is not None:
+        check_output_dir(request.out, request.overwrite)
+
+
+def open_weights(info: ModelInfo, device: torch.device, dtype: torch.dtype | None, whole: bool):
+    """The model's weights as the layer engine reads them: lazily from safetensors, or loaded whole
+    (`whole`, or a checkpoint without safetensors). `dtype` None: the checkpoint's own. The config is the
+    stored one (`info.config` may carry bias flags the stored weights do not have yet)."""
+    if not whole:
+        try:
+            return Checkpoint(local_folder(info.source), load_config(info.source), device, dtype)
+        except NoSafetensorsError as err:
+            logger.warning("%s: loading the whole model into memory instead of layer by layer", err)
+    return InMemory(load_model(info.source, device, dtype or getattr(info.config, "dtype", None) or torch.float32))
+
+
+def _check_gradients_fit(info: ModelInfo, device: torch.device) -> None:
+    """Taylor needs the whole model with its gradients and a backward pass: refuse before loading if that
+    cannot fit (weights, gradients and activations: about three times the float32 weights)."""
+    needed = 3 * 4 * info.total_params
+    available = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
+    if needed > available:
+        raise AmpruneError(f"--scorer taylor needs the whole model's gradients in memory (about {needed / GIB:.1f} "
+                           f"GiB, {available / GIB:.1f} GiB available); use a forward-only scorer such as amp")
+
+
 def prune(request: PruneRequest) -> PruneResult:
-    """Prune a model as `request` says (AMP unless another scorer is named); returns the model and its plan."""
+    """Prune a model as `request` says (AMP unless another scorer is named); returns its plan."""
     started = time.perf_counter()
     seconds: dict[str, float] = {}
     reset_peak_memory()
 
-    # 1. Validate everything cheap first: what needs no model (ratios, scorer, output folder, calibration
-    #    source), then what needs its config (family, plan sizes, GQA mode) and its tokenizer (text length).
-    if request.bias_compensation and request.reconstruct:
-        raise AmpruneError("--bias-compensation and --reconstruct both correct o_proj/down_proj for what was removed; "
-                           "use one")
-    if request.one_pass and not request.reconstruct:
-        raise AmpruneError("--one-pass scores the layers during reconstruction: pass --reconstruct too")
-    check_ratios(request.ratio, request.head_ratio, request.mlp_ratio)
-    check_scorers([request.scorer], request.one_pass)
-    if request.out is not None:
-        check_output_dir(request.out, request.overwrite)
-    device, dtype = resolve_device_dtype(request.device, request.dtype)
+    # 1. Validate everything cheap first: what needs no model (options, ratios, scorer, output folder,
+    #    calibration source), then what needs its config (family, plan sizes, GQA mode, saved type) and
+    #    its tokenizer (text length). Every rank checks it runs the same request.
+    check_request(request)
+    device = distributed.local_device(resolve_device(request.device))
+    distributed.start(device)
+    distributed.check_agreement({k: v for k, v in asdict(request).items() if k not in ("device", "progress")})
     calib_text = read_calibration(request.calib, request.samples, request.seq_len)
-    target = describe_model(request.model, request.bias_compensation)  # converts a .gguf (once)
-    source, config, family, dims = target.source, target.config, target.family, target.dims
-    budget = target.budget(
-        request.gqa_mode, request.ratio, request.head_ratio, request.mlp_ratio, request.round_to
-    )
-    tokenizer = load_tokenizer(source)
+    bias = request.correction == "bias"
+    info = describe_model(request.model, bias)  # converts a .gguf (once)
+    config, family, dims = info.config, info.family, info.dims
+    budget = info.budget(request.gqa_mode, ratio=request.ratio, head_ratio=request.head_ratio,
+                         mlp_ratio=request.mlp_ratio, round_to=request.round_to)
+    saved_as = saved_model_type(family, config, budget.dims_after(dims))
+    gradients = SCORERS[request.scorer].needs is Needs.GRADIENTS
+    if gradients:
+        _check_gradients_fit(info, device)
+    tokenizer = load_tokenizer(info.source)
     calib = calibration_set(calib_text, tokenizer, request.samples, request.seq_len, request.seed)
 
-    # 2. Load and calibrate: one forward pass collects head and neuron statistics (one pass: during step 4).
-    tick = time.perf_counter()
-    model = load_model(source, device, dtype)
-    if request.bias_compensation:
-        add_zero_biases(model, family, config)
-    seconds["load"] = time.perf_counter() - tick
-    tick = time.perf_counter()
+    # 2. Open the weights: lazily (one layer at a time), or whole for Taylor's gradients.
+    source = open_weights(info, device, parse_dtype(request.dtype), whole=gradients)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    chooser = None
-    if request.one_pass:  # scored in the reconstruction pass, layer by layer: no calibration pass here
-        needs = SCORERS[request.scorer].needs
-        stats = AmpStats(dims, device=device, moments=needs == "moments") if needs in ("amp", "moments") else None
-        if stats is not None:
-            stats.num_samples = len(calib.samples)
-        chooser = LayerChooser(request.scorer, dims, budget, stats, torch.Generator().manual_seed(request.seed))
-        layers = []
-    else:
-        scores, stats = score_units([request.scorer], model, family, dims, calib, request.batch_size, pad_id,
-                                    request.seed, request.progress, moments=request.bias_compensation)
-        layers = select_units(*scores[request.scorer], dims, budget)
-        seconds["calibrate"] = time.perf_counter() - tick
+    if gradients:
+        tick = time.perf_counter()
+        todo = list(batches(distributed.my_share(calib.samples), request.batch_size, pad_id))
+        collect_gradients(source.model, family, todo, device, request.progress)
+        seconds["gradients"] = time.perf_counter() - tick
+    writer = None
+    if request.out is not None and distributed.rank() == 0:
+        writer = CheckpointWriter(request.out, request.overwrite, output_config(config, family, budget.dims_after(dims),
+                                                                              saved_as), source.stored_dtype,
+                                  family.layers + ".")
+        if writer.num_parameters != budget.params_after:
+            raise RuntimeError(f"the pruned config holds {writer.num_parameters} parameters, the plan expects "
+                               f"{budget.params_after}")
 
-    # 3. Plan: the lowest-scoring units of every layer, as many as the budget says (one pass: chosen in step 4).
-    plan = Plan(
-        dims=dims,
-        budget=budget,
-        layers=layers,
-        settings={
-            "method": request.scorer,
-            "model": request.model or default_model(),
-            "model_type": config.model_type,
-            "calibration": calib.source,
-            "samples": len(calib.samples),
-            "seq_len": calib.seq_len,
-            "calibration_tokens": calib.num_tokens,
-            "seed": calib.seed,
-            "ratio": request.ratio,
-            "head_ratio": request.head_ratio,
-            "mlp_ratio": request.mlp_ratio,
-            "gqa_mode": request.gqa_mode,
-            "round_to": request.round_to,
-            "bias_compensation": request.bias_compensation,
-            "dtype": str(dtype).removeprefix("torch."),
-        },
-        versions=package_versions(),
-    )
-    if request.out is not None:
-        saved_model_type(family, config, plan.dims_after)  # fails now, not after surgery, if unsavable
-
-    # 4. Surgery, then a forward and a short cached generation to prove the model is consistent.
+    # 3. One pass over the decoder layers: score, choose, slice (and re-fit), write.
     tick = time.perf_counter()
-    if request.reconstruct:  # --reconstruct: surgery layer by layer, re-fitting o_proj/down_proj on the way
-        plan.settings["reconstruction"] = reconstruct(model, family, plan, calib, request.batch_size, pad_id,
-                                                      progress=request.progress, chooser=chooser)
-    else:
-        if request.bias_compensation:  # needs the dropped columns: before they are sliced away
-            compensate(model, family, plan, stats.o_moments, stats.down_moments)
-        apply_plan(model, family, plan)
-    probe = calib.samples[0][:16].unsqueeze(0).to(device)
-    with torch.inference_mode():
-        model(probe)
-        model.generate(probe, max_new_tokens=2, do_sample=False, pad_token_id=pad_id)
-    seconds["reconstruct" if request.reconstruct else "surgery"] = time.perf_counter() - tick
-    pruned_params = sum(p.numel() for p in model.parameters())
-    if pruned_params != budget.params_after:
-        raise RuntimeError(f"surgery left {pruned_params} parameters, the plan expected {budget.params_after}")
+    run = Run(request.scorer, budget, request.correction, writer,
+              biased_linears(config, family) if bias else frozenset())
+    settings = Settings(batch_size=request.batch_size, pad_id=pad_id, seed=request.seed,
+                        hidden_states=request.hidden_states, workspace=writer.staging if writer else None,
+                        save_dtype=source.stored_dtype, keep_layers=request.out is None or request.keep_model,
+                        gradients=gradients, progress=request.progress)
+    probe = calib.samples[0][:16]
+    try:
+        (result,), report = LayerEngine(source, calib, probe, [run], settings).run()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    seconds["prune"] = time.perf_counter() - tick
+    plan = Plan(dims=dims, budget=budget, layers=result.layers, versions=package_versions(), settings={
+        "method": request.scorer,
+        "correction": request.correction,
+        "model": request.model or default_model(),
+        "model_type": config.model_type,
+        "saved_as": saved_as if saved_as != config.model_type else None,
+        "calibration": calib.source,
+        "samples": len(calib.samples),
+        "seq_len": calib.seq_len,
+        "calibration_tokens": calib.num_tokens,
+        "seed": calib.seed,
+        "ratio": request.ratio,
+        "head_ratio": request.head_ratio,
+        "mlp_ratio": request.mlp_ratio,
+        "gqa_mode": request.gqa_mode,
+        "round_to": request.round_to,
+        "dtype": str(source.stored_dtype).removeprefix("torch."),
+        "compute_dtype": report.compute_dtype,
+        "world_size": report.world_size,
+        "reconstruction": {"damping": settings.damping, "relative_calibration_error": result.errors}
+        if request.correction.startswith("refit") else None,
+    })
 
-    # 5. Save atomically and check that stock transformers reloads the same model.
-    out = save_and_verify(
-        model, tokenizer, plan, family, request.out, request.overwrite, probe if request.verify else None, seconds
-    )
+    # 4. Finish the checkpoint atomically, then check that stock transformers reloads the same model.
+    out = None
+    if writer is not None:
+        tick = time.perf_counter()
+        out = writer.finish(tokenizer, plan, info.source)
+        if request.verify:
+            diff = verify_reload(out, probe[None], result.probe_logits, source.dtype, device)
+            logger.info("reloaded %s with stock from_pretrained: max logit diff %.2g", out, diff)
+        seconds["save"] = time.perf_counter() - tick
     seconds["total"] = time.perf_counter() - started
-    logger.debug("plan settings: %s", asdict(budget))
-    return PruneResult(model, tokenizer, plan, out, seconds, peak_memory_bytes())
+    memory = _memory(report, source, info)
+    model = source.model if settings.keep_layers else None
+    return PruneResult(plan, out, model, tokenizer, seconds, memory)
+
+
+def _memory(report: Report, source, info: ModelInfo) -> dict:
+    return {"peak": peak_memory(), "model_bytes": source.stored_bytes, "hidden_bytes": report.hidden_bytes,
+            "hidden_place": report.hidden_place, "compute_dtype": report.compute_dtype,
+            "dtype": str(source.stored_dtype).removeprefix("torch."), "world_size": report.world_size}

@@ -1,4 +1,4 @@
-"""Reconstruction: surgery layer by layer, re-fitting every o_proj and down_proj in closed form.
+"""Reconstruction: one layer's surgery, re-fitting its o_proj and down_proj in closed form.
 
 After a layer loses heads and neurons, its output projections still weigh the kept input channels as
 if the removed ones were there. Reconstruction re-fits the kept columns of `o_proj` and `down_proj`
@@ -24,49 +24,57 @@ drift earlier layers left) needs a second stream and a second dense forward per 
 trial on SmolLM2 at 30 % gave clearly worse perplexity (not a benchmark: see the issue notes), as a
 linear fit cannot map drifted inputs to the dense outputs and overfits the calibration tokens trying.
 
-**Sequential mode.** Layer inputs and every layer's call arguments (masks, position embeddings, …)
-are captured once by running the embedding with recorders in place of the decoder layers. Then, per
-layer, on the pruned model's hidden states: (1) the dense layer runs until its attention block returns,
-accumulating `o_proj`'s statistics; `o_proj` is re-fitted and the attention outputs are recomputed
-from the stored `o_proj` inputs; (2) the layer runs again with the attention block replaced by a
-replay of those outputs, until its MLP block returns; `down_proj` is re-fitted the same way; (3) the
-layer runs once more with both blocks replayed (only norms and residual adds are computed) to give the
-next layer's inputs, and is sliced with `surgery.prune_layer`. Every block is computed once, so the
-cost is about one dense forward plus the k × k and k × out products and the re-fitted projections'
-outputs on the kept channels. This relies on each block returning its output projection's output
-(checked, by identity, on every call). Memory: the calibration tokens' hidden states and one block's
-inputs/outputs, plus one projection's statistics.
+**Sequential mode.** The layer engine (`amprune.engine`) hands every layer the pruned model's hidden
+states and its call arguments (masks, position embeddings, …). Per layer (`refit_layer`): (1) the dense
+layer runs until its attention block returns, accumulating `o_proj`'s statistics; `o_proj` is re-fitted
+and the attention outputs are recomputed from the stored `o_proj` inputs; (2) the layer runs again with
+the attention block replaced by a replay of those outputs, until its MLP block returns; `down_proj` is
+re-fitted the same way; (3) the layer runs once more with both blocks replayed (only norms and residual
+adds are computed) to give the next layer's inputs, and is sliced with `surgery.prune_layer`. Every
+block is computed once, so the cost is about one dense forward plus the k × k and k × out products and
+the re-fitted projections' outputs on the kept channels. This relies on each block returning its output
+projection's output (checked, by identity, on every call). Memory: the calibration tokens' hidden
+states and one block's inputs/outputs, plus one projection's statistics.
 
-**One pass** (`LayerChooser`): the plan's rule is per layer, so the units can be chosen inside this
-pass, from each layer's scoring statistics on the pruned stream, and no separate calibration pass over
-the dense model is needed. The `obs` scorer chooses from the projection's normal equations over all
-its input channels instead (`scoring.obs_removal_scores`): the units whose loss the re-fit makes up
-best go, and the re-fit then reuses the kept channels' part of the same statistics.
+Ranks (`amprune.distributed`) all-reduce the normal equations before every solve, so they all fit the
+same weights.
+
+**Two passes in one** (`fixed_units`): the units were chosen on the dense model's stream (the paper's
+AMP), the re-fit runs on the pruned one; the engine carries both streams through one pass.
+**One pass** (`LayerChooser`): the plan's rule is per layer, so the units can be chosen inside the
+re-fit, from each layer's scoring statistics on the pruned stream; no dense stream is needed. The `obs`
+scorer chooses from the projection's normal equations over all its input channels instead
+(`scoring.obs_removal_scores`): the units whose loss the re-fit makes up best go, and the re-fit then
+reuses the kept channels' part of the same statistics.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from .calibration import AmpStats, CalibrationSet, amp_hooks, batches, layer_scores, real_tokens
+from . import distributed
 from .models import Dims
 from .models.base import Family
-from .plan import Budget, LayerPlan, Plan, select_units
-from .scoring import SCORERS, obs_removal_scores
-from .surgery import prune_layer, unit_rows, update_config
+from .plan import Budget, LayerPlan, select_units
+from .scoring import SCORERS, Needs, obs_removal_scores
+from .stats import LayerStats, layer_scores, real_tokens, recording
+from .surgery import prune_layer, unit_rows
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_DAMPING = 0.01  # λ as a fraction of the mean diagonal of the kept channels' Gram matrix
 MAX_CONDITION = 1e12  # beyond this a float64 solve has lost too many digits to be trusted
+
+
+# choose(proj, (inputs, outputs, masks), attention?, the layer's plan so far, stats) → (plan, normal equations)
+Choose = Callable[[nn.Linear, tuple, bool, "LayerPlan | None", "LayerStats | None"], tuple]
 
 
 class IllConditionedError(ValueError):
@@ -110,6 +118,12 @@ class NormalEquations:
         self.y_sum += y.sum(dim=0).double()
         self.yty += y.double().pow(2).sum().item()
         self.count += x.shape[0]
+
+    def all_reduce(self) -> None:
+        """Sum the statistics over the ranks (nothing in one process)."""
+        totals = torch.tensor([self.yty, float(self.count)], dtype=torch.float64, device=self.xtx.device)
+        distributed.sum_(self.xtx, self.xty, self.x_sum, self.y_sum, totals)
+        self.yty, self.count = totals[0].item(), int(totals[1].item())
 
     def restricted(self, kept: list[int]) -> NormalEquations:
         """The same statistics for a subset `kept` of this system's kept channels (no pass over the tokens)."""
@@ -182,41 +196,6 @@ def refit(
     return new[:, :k].contiguous(), None if bias is None else new[:, k].contiguous()
 
 
-class _Recorder(nn.Module):
-    """Stands in for a decoder layer: records its call arguments and passes the hidden states on."""
-
-    def __init__(self, calls: list):
-        super().__init__()
-        self.calls = calls
-
-    def forward(self, *args, **kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        self.calls.append((hidden, args[1:], kwargs))
-        return hidden
-
-
-def capture_layer_inputs(model: nn.Module, family: Family, todo: list) -> list[list[tuple]]:
-    """For every batch, the first layer's hidden states and every layer's other arguments.
-
-    Returns calls[layer][batch] = (hidden, args, kwargs); only layer 0's `hidden` is the real input.
-    The decoder layers are swapped for recorders during one embedding-only pass, then put back: the
-    arguments (masks differ per layer type in some families) are captured whatever they are.
-    """
-    layers = family.decoder_layers(model)
-    originals = list(layers)
-    calls: list[list[tuple]] = [[] for _ in originals]
-    device = next(model.parameters()).device
-    try:
-        for index in range(len(originals)):
-            layers[index] = _Recorder(calls[index])
-        for ids, mask in todo:
-            model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-    finally:
-        for index, layer in enumerate(originals):
-            layers[index] = layer
-    return calls
-
-
 def _first(output):
     """A block's or layer's output tensor: the output itself or the first item of a tuple."""
     return output[0] if isinstance(output, tuple) else output
@@ -243,7 +222,7 @@ def _replaced(layer: nn.Module, name: str, stand_in: nn.Module) -> Iterator[None
         setattr(layer, name, original)
 
 
-def _run_block(layer: nn.Module, block: nn.Module, proj: nn.Linear, runs: list, stats: AmpStats | None) -> tuple:
+def _run_block(layer: nn.Module, block: nn.Module, proj: nn.Linear, batches: list, stats: LayerStats | None) -> tuple:
     """Run `layer` on every batch until `block` returns; `proj` must produce the block's output.
 
     Returns per batch `proj`'s input and the block's (dense) output. `stats`, if given, is told each
@@ -267,11 +246,11 @@ def _run_block(layer: nn.Module, block: nn.Module, proj: nn.Linear, runs: list, 
     handles = [proj.register_forward_pre_hook(before_proj), proj.register_forward_hook(after_proj),
                block.register_forward_hook(after_block)]
     try:
-        for x, (_, args, kwargs), mask in runs:
+        for x, args, kwargs, mask in batches:
             if stats is not None:
                 stats.mask = mask
             try:
-                layer(x, *args, **kwargs)
+                layer(x.to(proj.weight.device, non_blocking=True), *args, **kwargs)
             except _Stop:
                 continue
             raise RuntimeError(f"the layer never returned from {type(block).__name__} during reconstruction")
@@ -282,10 +261,12 @@ def _run_block(layer: nn.Module, block: nn.Module, proj: nn.Linear, runs: list, 
 
 
 def _equations(proj: nn.Linear, kept: list[int], inputs: list, outputs: list, masks: list) -> NormalEquations:
-    """The normal equations of re-fitting `proj`'s kept inputs to the block's outputs, over real tokens."""
+    """The normal equations of re-fitting `proj`'s kept inputs to the block's outputs, over real tokens (and
+    over every rank's tokens)."""
     eqs = NormalEquations.zeros(kept, proj.out_features, proj.weight.device)
     for x, output, mask in zip(inputs, outputs, masks, strict=True):
         eqs.add(real_tokens(x, mask), real_tokens(_first(output), mask))
+    eqs.all_reduce()
     return eqs
 
 
@@ -322,53 +303,73 @@ def _refit_block(proj: nn.Linear, eqs: NormalEquations, inputs: list, outputs: l
 OBS_STEPS = 32  # the obs scorer removes a layer's neurons in this many greedy steps (heads one at a time)
 
 
+OBS_STEPS = 32  # the obs scorer removes a layer's neurons in this many greedy steps (heads one at a time)
+
+
+def fixed_units(keep: LayerPlan, head_dim: int) -> Choose:
+    """Two-pass mode: the layer's units were chosen on the dense stream; re-fit on exactly those."""
+
+    def choose(proj: nn.Linear, block: tuple, attention: bool, so_far: LayerPlan | None, stats) -> tuple:
+        kept = unit_rows(keep.heads_kept, head_dim) if attention else keep.neurons_kept
+        return keep, _equations(proj, kept, *block)
+
+    return choose
+
+
 @dataclass
 class LayerChooser:
-    """One-pass mode: chooses every layer's units during reconstruction, on the pruned model's stream.
+    """One-pass mode: chooses every layer's units during the re-fit, on the pruned model's stream.
 
     The plan's rule is per layer (the same counts everywhere, the lowest-scoring units of each layer),
     so layer i's units can be chosen as soon as its statistics are in. Here they come from the inputs
-    the already pruned and re-fitted layers before it produce, recorded by `stats`' hooks while the
-    reconstruction pass runs the dense layer: heads after the attention block, neurons after the MLP
-    block (whose input then already reflects the re-fitted attention). No separate calibration pass.
-    The `obs` scorer reads the projection's normal equations instead: the re-fit's own error decides.
+    the already pruned and re-fitted layers before it produce, recorded while the dense layer runs:
+    heads after the attention block, neurons after the MLP block (whose input then already reflects
+    the re-fitted attention). No separate pass over the dense model. The `obs` scorer reads the
+    projection's normal equations instead: the re-fit's own error decides.
     """
 
     scorer: str
     dims: Dims
     budget: Budget
-    stats: AmpStats | None  # None if the scorer needs no activation statistics
     generator: torch.Generator
+    damping: float = DEFAULT_DAMPING
 
-    def choose(self, family: Family, layer: nn.Module, index: int, proj: nn.Linear, runs: tuple,
-               keep: LayerPlan | None, damping: float) -> tuple[LayerPlan, NormalEquations]:
-        """Layer `index`'s heads (`keep` None, after the attention block ran), or its neurons added to `keep`.
+    def new_stats(self, device: torch.device) -> LayerStats | None:
+        """The statistics this scorer reads, to be recorded on the pruned stream (None: it reads none)."""
+        needs = SCORERS[self.scorer].needs
+        if needs not in (Needs.AMP, Needs.MOMENTS):
+            return None
+        return LayerStats(self.dims, device, amp=needs is Needs.AMP, moments=needs is Needs.MOMENTS)
 
-        `runs` = (inputs, outputs, masks) of the block's output projection `proj`; `damping` as for the
-        re-fit. Returns the layer's plan so far and the normal equations of re-fitting `proj` on the kept
-        input channels.
-        """
-        attention = keep is None
-        system = None
-        if SCORERS[self.scorer].needs == "gram":
-            system = _equations(proj, list(range(proj.in_features)), *runs)
-            scores = self._obs_scores(system, proj, attention, damping)
-            heads = scores if attention else torch.tensor(keep.head_scores, dtype=torch.float64)
-            neurons = torch.zeros(self.dims.intermediate_size, dtype=torch.float64) if attention else scores
-        else:
-            heads, neurons = layer_scores([self.scorer], family, layer, index, self.dims, self.stats,
-                                          self.generator)[self.scorer]
-        chosen = select_units(heads[None], neurons[None], self.dims, self.budget)[0]
-        if not attention:
-            chosen = replace(keep, neurons_kept=chosen.neurons_kept, neuron_scores=chosen.neuron_scores)
-        kept = unit_rows(chosen.heads_kept, self.dims.head_dim) if attention else chosen.neurons_kept
-        return chosen, _equations(proj, kept, *runs) if system is None else system.restricted(kept)
+    def for_layer(self, family: Family, layer: nn.Module, index: int) -> Choose:
+        """The `choose` step of `refit_layer` for decoder layer `index`."""
 
-    def _obs_scores(self, system: NormalEquations, proj: nn.Linear, attention: bool, damping: float) -> torch.Tensor:
+        def choose(proj: nn.Linear, block: tuple, attention: bool, so_far: LayerPlan | None,
+                   stats: LayerStats | None) -> tuple[LayerPlan, NormalEquations]:
+            system = None
+            if SCORERS[self.scorer].needs is Needs.GRAM:
+                system = _equations(proj, list(range(proj.in_features)), *block)
+                scores = self._obs_scores(system, proj, attention)
+                heads = scores if attention else torch.tensor(so_far.head_scores, dtype=torch.float64)
+                neurons = torch.zeros(self.dims.intermediate_size, dtype=torch.float64) if attention else scores
+            else:
+                if stats is not None:
+                    stats.all_reduce("attention" if attention else "mlp")
+                heads, neurons = layer_scores([self.scorer], family, layer, index, self.dims, stats,
+                                              self.generator)[self.scorer]
+            chosen = select_units(heads[None], neurons[None], self.dims, self.budget)[0]
+            if not attention:
+                chosen = replace(so_far, neurons_kept=chosen.neurons_kept, neuron_scores=chosen.neuron_scores)
+            kept = unit_rows(chosen.heads_kept, self.dims.head_dim) if attention else chosen.neurons_kept
+            return chosen, _equations(proj, kept, *block) if system is None else system.restricted(kept)
+
+        return choose
+
+    def _obs_scores(self, system: NormalEquations, proj: nn.Linear, attention: bool) -> torch.Tensor:
         """Head or neuron scores of `scoring.obs_removal_scores` for this budget, from the damped system."""
         gram, _, weight = system.augmented(proj.weight, proj.bias)
         channels = proj.in_features
-        gram, _ = damped(gram, channels, damping)
+        gram, _ = damped(gram, channels, self.damping)
         score = partial(obs_removal_scores, gram, weight, fixed=gram.shape[0] - channels)
         group_size = self.dims.group_size
         if not attention:
@@ -382,64 +383,45 @@ class LayerChooser:
 
 
 @torch.no_grad()
-def reconstruct(
-    model: nn.Module,
+def refit_layer(
     family: Family,
-    plan: Plan,
-    calib: CalibrationSet,
-    batch_size: int = 8,
-    pad_id: int = 0,
+    layer: nn.Module,
+    index: int,
+    dims: Dims,
+    batches: list[tuple],
+    choose: Choose,
     damping: float = DEFAULT_DAMPING,
-    progress: bool = True,
-    chooser: LayerChooser | None = None,
-) -> dict:
-    """Apply `plan` to `model` layer by layer, re-fitting o_proj and down_proj on the way (in place).
+    stats: LayerStats | None = None,
+) -> tuple[LayerPlan, list[torch.Tensor], dict]:
+    """Slice decoder layer `index` in place, re-fitting its o_proj and down_proj on the pruned stream.
 
-    With a `chooser` (one-pass mode) `plan.layers` starts empty and every layer's units are chosen, and
-    appended to it, during the pass. The result has exactly the shapes plain `surgery.apply_plan` gives.
-    Returns the settings and, per layer, the relative calibration error of each projection after plain
-    surgery and after the re-fit (recorded in the plan).
+    Args:
+        batches: per calibration batch (hidden states on the pruned stream, layer args, layer kwargs,
+            real-token mask); the hidden states may live on the host, they are moved batch by batch.
+        choose: picks the units (`fixed_units`, or a `LayerChooser` in one-pass mode) and returns the
+            normal equations of the projection's kept channels.
+        stats: statistics the chooser reads, recorded on the way (one-pass mode).
+
+    Returns:
+        The layer's plan, its outputs per batch (the next layer's pruned stream) and the relative
+        calibration error of each projection after plain surgery and after the re-fit.
     """
-    todo = list(batches(calib.samples, batch_size, pad_id))
-    masks = [mask for _, mask in todo]
-    calls = capture_layer_inputs(model, family, todo)
-    hidden = [x for x, _, _ in calls[0]]  # (B, T, D) per batch: the pruned model's stream
-    d = plan.dims.head_dim
-    report = []
-    stats = None if chooser is None else chooser.stats
-    layers = family.decoder_layers(model)
-    with amp_hooks(model, family, stats) if stats is not None else nullcontext():
-        for index, layer in enumerate(tqdm(layers, desc="Reconstructing", unit="layer", disable=not progress)):
-            runs = list(zip(hidden, calls[index], masks, strict=True))
-            attention, mlp = family.attention_block(layer), family.mlp_block(layer)
-            o_proj, down_proj = family.o_proj(layer), family.down_proj(layer)
-            # 1. attention: dense heads on the pruned stream; o_proj re-fitted on the kept heads
-            inputs, outputs = _run_block(layer, attention, o_proj, runs, stats)
-            if chooser is None:
-                keep = plan.layers[index]
-                eqs = _equations(o_proj, unit_rows(keep.heads_kept, d), inputs, outputs, masks)
-            else:
-                keep, eqs = chooser.choose(family, layer, index, o_proj, (inputs, outputs, masks), None, damping)
-            attention_out, attention_error = _refit_block(o_proj, eqs, inputs, outputs, damping,
-                                                          f"layer {index} {family.o}")
-            # 2. MLP: its input comes from the re-fitted attention (replayed, not recomputed)
-            with _replaced(layer, family.attention, _Replay(attention_out)):
-                inputs, outputs = _run_block(layer, mlp, down_proj, runs, stats)
-            if chooser is None:
-                eqs = _equations(down_proj, keep.neurons_kept, inputs, outputs, masks)
-            else:
-                keep, eqs = chooser.choose(family, layer, index, down_proj, (inputs, outputs, masks), keep, damping)
-                plan.layers.append(keep)
-            mlp_out, mlp_error = _refit_block(down_proj, eqs, inputs, outputs, damping,
-                                              f"layer {index} {family.down}")
-            del eqs, inputs, outputs
-            # 3. the pruned layer's outputs (both blocks replayed) feed the next layer; then slice it
-            with (_replaced(layer, family.attention, _Replay(attention_out)),
-                  _replaced(layer, family.mlp, _Replay(mlp_out))):
-                hidden = [_first(layer(x, *args, **kwargs)) for x, (_, args, kwargs), _ in runs]
-            prune_layer(family, layer, plan.dims, keep)
-            report.append({"layer": index, family.o: attention_error, family.down: mlp_error})
-            logger.debug("layer %d relative calibration error: %s", index, report[-1])
-    update_config(family.sizes_config(model.config), plan.dims_after)
-    scoring = "dense model (separate calibration pass)" if chooser is None else "pruned model (in this pass)"
-    return {"mode": "sequential", "scored_on": scoring, "damping": damping, "relative_calibration_error": report}
+    masks = [mask for *_, mask in batches]
+    o_proj, down_proj = family.o_proj(layer), family.down_proj(layer)
+    with recording(family, layer, stats) if stats is not None else nullcontext():
+        # 1. attention: dense heads on the pruned stream; o_proj re-fitted on the kept heads
+        inputs, outputs = _run_block(layer, family.attention_block(layer), o_proj, batches, stats)
+        keep, eqs = choose(o_proj, (inputs, outputs, masks), True, None, stats)
+        attention_out, attention_error = _refit_block(o_proj, eqs, inputs, outputs, damping,
+                                                      f"layer {index} {family.o}")
+        # 2. MLP: its input comes from the re-fitted attention (replayed, not recomputed)
+        with _replaced(layer, family.attention, _Replay(attention_out)):
+            inputs, outputs = _run_block(layer, family.mlp_block(layer), down_proj, batches, stats)
+        keep, eqs = choose(down_proj, (inputs, outputs, masks), False, keep, stats)
+        mlp_out, mlp_error = _refit_block(down_proj, eqs, inputs, outputs, damping, f"layer {index} {family.down}")
+    del eqs, inputs, outputs
+    # 3. the pruned layer's outputs (both blocks replayed) feed the next layer; then slice it
+    with (_replaced(layer, family.attention, _Replay(attention_out)), _replaced(layer, family.mlp, _Replay(mlp_out))):
+        hidden = [_first(layer(x.to(o_proj.weight.device), *args, **kwargs)) for x, args, kwargs, _ in batches]
+    prune_layer(family, layer, dims, keep)
+    return keep, hidden, {family.o: attention_error, family.down: mlp_error}

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -244,11 +244,12 @@ def recover(request: RecoverRequest) -> RecoverResult:
         "dtype": str(dtype).removeprefix("torch."),
     }
     if plan is not None:
-        plan.settings["recovery"] = settings
+        plan = replace(plan, settings={**plan.settings, "recovery": settings})
 
     # 4. Save atomically (plan carried over) and check that stock transformers reloads the same model.
     out = save_and_verify(
-        model, tokenizer, plan, family, request.out, request.overwrite, probe if request.verify else None, seconds
+        model, tokenizer, plan, family, request.out, request.overwrite, probe if request.verify else None, seconds,
+        source,
     )
     seconds["total"] = time.perf_counter() - started
     return RecoverResult(model, tokenizer, plan, out, losses, seconds, peak_memory_bytes())

@@ -50,7 +50,20 @@ def plan_summary(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def run_summary(plan: Plan, seconds: dict[str, float], peak_memory: int) -> str:
-    """The plan summary plus wall time per step and peak memory."""
+def memory_summary(memory: dict) -> str:
+    """Peak memory beside the model's size and the hidden states', where they lived, and the world size."""
+    peak = memory["peak"]
+    line = f"peak memory: {_gib(peak['rss'])} RSS" + (f", {_gib(peak['cuda'])} CUDA" if "cuda" in peak else "")
+    line += (f" · model {_gib(memory['model_bytes'])} · hidden states {_gib(memory['hidden_bytes'])} "
+             f"({memory['hidden_place']})")
+    if memory.get("world_size", 1) > 1:
+        line += f" · {memory['world_size']} ranks"
+    if memory.get("compute_dtype") and memory["compute_dtype"] != memory.get("dtype", memory["compute_dtype"]):
+        line += f"\nnote: layers computed in {memory['compute_dtype']} (no fast {memory['dtype']} kernels on this CPU)"
+    return line
+
+
+def run_summary(plan: Plan, seconds: dict[str, float], memory: dict) -> str:
+    """The plan summary plus wall time per step and memory."""
     steps = " · ".join(f"{name} {value:.1f} s" for name, value in seconds.items())
-    return f"{plan_summary(plan)}\ntime: {steps}\npeak memory: {_gib(peak_memory)}"
+    return f"{plan_summary(plan)}\ntime: {steps}\n{memory_summary(memory)}"

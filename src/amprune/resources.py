@@ -13,9 +13,22 @@ def reset_peak_memory() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
 def peak_memory_bytes() -> int:
     """Peak GPU allocation if CUDA is in use, else the process's peak RSS."""
     if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
         return torch.cuda.max_memory_allocated()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+    return peak_rss_bytes()
+
+
+def peak_memory() -> dict[str, int]:
+    """Peak RSS, and the CUDA allocator's peak where CUDA is in use."""
+    peaks = {"rss": peak_rss_bytes()}
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        peaks["cuda"] = torch.cuda.max_memory_allocated()
+    return peaks

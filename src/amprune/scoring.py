@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
 
@@ -242,17 +243,25 @@ class LayerTensors:
     generator: torch.Generator | None = None  # the `random` scorer's seeded source
 
 
+class Needs(Enum):
+    """What calibration must collect for a scorer."""
+
+    WEIGHTS = "weights"  # nothing: the weights alone
+    AMP = "amp"  # AMP statistics (one forward pass)
+    MOMENTS = "moments"  # per-channel input moments (the same forward pass)
+    GRADIENTS = "gradients"  # a backward pass per calibration batch, over the whole model
+    GRAM = "gram"  # the output projections' normal equations on the pruned stream (one-pass re-fit only)
+
+
 @dataclass(frozen=True)
 class Scorer:
     """A ranking of heads and neurons, and what calibration must collect for it.
 
-    needs: "amp" (AMP statistics), "moments" (per-channel input moments, same forward pass), "gradients"
-    (a backward pass per calibration batch), "gram" (the output projections' normal equations on the
-    pruned stream: only inside the one-pass reconstruction, `reconstruct.LayerChooser`, hence no
-    `layer_scores`) or None (weights only).
+    A `Needs.GRAM` scorer has no `layer_scores`: it runs inside the one-pass re-fit, which chooses from
+    the normal equations itself (`reconstruct.LayerChooser`).
     """
 
-    needs: str | None
+    needs: Needs
     layer_scores: Callable[[LayerTensors], tuple[torch.Tensor, torch.Tensor]] | None
     source: str
 
@@ -263,12 +272,12 @@ def _random(t: LayerTensors) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 SCORERS: dict[str, Scorer] = {
-    "amp": Scorer("amp", lambda t: t.amp, "AMP, arXiv 2504.21174 Eq. 8–9"),
+    "amp": Scorer(Needs.AMP, lambda t: t.amp, "AMP, arXiv 2504.21174 Eq. 8–9"),
     # Prunes the highest-scoring units instead of the lowest, with the same counts (paper §5.2).
-    "reversed": Scorer("amp", lambda t: (-t.amp[0], -t.amp[1]), "AMP's coherence check, paper §5.2"),
-    "random": Scorer(None, _random, "uniformly random scores, seeded (paper §5.2)"),
+    "reversed": Scorer(Needs.AMP, lambda t: (-t.amp[0], -t.amp[1]), "AMP's coherence check, paper §5.2"),
+    "random": Scorer(Needs.WEIGHTS, _random, "uniformly random scores, seeded (paper §5.2)"),
     "magnitude": Scorer(
-        None,
+        Needs.WEIGHTS,
         lambda t: (
             magnitude_scores(t.head_in, t.o_weight, t.head_dim),
             magnitude_scores(t.neuron_in, t.down_weight, 1),
@@ -276,7 +285,7 @@ SCORERS: dict[str, Scorer] = {
         "weight L2 norm (LLM-Pruner l2, FLAP mag_sp)",
     ),
     "wanda_sp": Scorer(
-        "moments",
+        Needs.MOMENTS,
         lambda t: (
             wanda_sp_scores(t.o_weight, t.o_moments[1], t.head_dim),
             wanda_sp_scores(t.down_weight, t.down_moments[1], 1),
@@ -284,17 +293,17 @@ SCORERS: dict[str, Scorer] = {
         "structured Wanda (FLAP repository's wanda_sp)",
     ),
     "flap": Scorer(
-        "moments",
+        Needs.MOMENTS,
         lambda t: (flap_scores(t.o_weight, *t.o_moments, t.head_dim), flap_scores(t.down_weight, *t.down_moments, 1)),
         "FLAP fluctuation metric WIFV (An et al., AAAI 2024)",
     ),
     "taylor": Scorer(
-        "gradients",
+        Needs.GRADIENTS,
         lambda t: (
             taylor_scores(t.head_in, t.head_in_grads, t.o_weight, t.o_grad, t.head_dim),
             taylor_scores(t.neuron_in, t.neuron_in_grads, t.down_weight, t.down_grad, 1),
         ),
         "LLM-Pruner first-order Taylor (Ma et al., NeurIPS 2023)",
     ),
-    "obs": Scorer("gram", None, "structured OBS: the least-squares re-fit's error (ZipLM, SlimGPT)"),
+    "obs": Scorer(Needs.GRAM, None, "structured OBS: the least-squares re-fit's error (ZipLM, SlimGPT)"),
 }

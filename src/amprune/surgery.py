@@ -8,6 +8,8 @@ compute exactly what the masked one does — that is the core test of the projec
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -99,6 +101,18 @@ def prune_layer(family: Family, layer: nn.Module, dims: Dims, keep: LayerPlan) -
     sizes = {"num_heads": heads, "num_attention_heads": heads, "num_key_value_heads": kv}
     _set_existing(attn, _ATTENTION_ATTRS, {**sizes, "num_key_value_groups": heads // kv})
     _set_existing(mlp, _MLP_ATTRS, {"intermediate_size": len(neurons)})
+    _own_config(attn, num_attention_heads=heads, num_key_value_heads=kv, head_dim=d)
+    _own_config(mlp, intermediate_size=len(neurons))
+
+
+def _own_config(module: nn.Module, **sizes: int) -> None:
+    """Give a block that reads sizes from the (shared) config at every forward (Phi-3 attention) its own
+    copy with the pruned sizes, so the pruned layer runs right while the layers after it are still dense.
+    `update_config` later writes the same sizes into the model's config."""
+    if getattr(module, "config", None) is not None:
+        module.config = copy.copy(module.config)
+        for name, value in sizes.items():
+            setattr(module.config, name, value)
 
 
 def update_config(config, dims_after: Dims) -> None:
@@ -116,12 +130,18 @@ def apply_plan(model: nn.Module, family: Family, plan: Plan) -> None:
     update_config(family.sizes_config(model.config), plan.dims_after)
 
 
+def dropped_inputs(keep: LayerPlan, dims: Dims) -> tuple[list[int], list[int]]:
+    """The o_proj input channels (head_dim per dropped head) and down_proj input channels (one per dropped
+    neuron) that a layer keeping `keep` loses."""
+    dropped_heads = sorted(set(range(dims.num_heads)) - set(keep.heads_kept))
+    dropped_neurons = sorted(set(range(dims.intermediate_size)) - set(keep.neurons_kept))
+    return unit_rows(dropped_heads, dims.head_dim), dropped_neurons
+
+
 @torch.no_grad()
 def mask_plan(model: nn.Module, family: Family, plan: Plan) -> None:
     """Zero the o_proj/down_proj input columns of every dropped unit; shapes stay. A test tool."""
-    d = plan.dims.head_dim
     for layer, keep in zip(family.decoder_layers(model), plan.layers, strict=True):
-        dropped_heads = sorted(set(range(plan.dims.num_heads)) - set(keep.heads_kept))
-        family.o_proj(layer).weight[:, unit_rows(dropped_heads, d)] = 0
-        dropped_neurons = sorted(set(range(plan.dims.intermediate_size)) - set(keep.neurons_kept))
-        family.down_proj(layer).weight[:, dropped_neurons] = 0
+        o_channels, neurons = dropped_inputs(keep, plan.dims)
+        family.o_proj(layer).weight[:, o_channels] = 0
+        family.down_proj(layer).weight[:, neurons] = 0

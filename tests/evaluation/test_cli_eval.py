@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import save_tiny, tiny_model
+from helpers import save_tiny, tiny_model
 from transformers import AutoModelForCausalLM
 
 from amprune.cli import main

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import char_tokenizer, tiny_model
+from helpers import char_tokenizer, tiny_model
 
 from amprune.errors import AmpruneError
 from amprune.evaluation import perplexity

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import char_tokenizer, tiny_model
+from helpers import char_tokenizer, tiny_model
 
 from amprune.errors import AmpruneError
 from amprune.evaluation import ALIASES, TASKS, resolve_tasks, zero_shot

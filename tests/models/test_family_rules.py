@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from conftest import char_tokenizer
-from family_cases import CASES, family_and_dims, family_model
+from helpers import CASES, char_tokenizer, family_and_dims, random_plans, save_tiny, tiny_model
 from huggingface_hub.errors import StrictDataclassClassValidationError
-from test_surgery import random_plans
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import amprune.pipeline
-from amprune.checkpoint import save_checkpoint
+from amprune.checkpoint import save_model
 from amprune.cli import build_parser
 from amprune.errors import AmpruneError
 from amprune.models import loading, supported_model_types
@@ -24,15 +22,9 @@ LONGROPE = dict(rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
                 original_max_position_embeddings=64)
 
 
-def save_family(folder, case: str, **overrides) -> str:
-    family_model(case, **overrides).save_pretrained(folder)
-    char_tokenizer().save_pretrained(folder)
-    return str(folder)
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_prune_thirty_percent_end_to_end_and_reload(case, tmp_path, calib_text):
-    folder = save_family(tmp_path / "dense", case)
+    folder = save_tiny(tmp_path / "dense", case)
     result = prune(PruneRequest(out=str(tmp_path / "out"), model=folder, ratio=0.3, calib=calib_text, **CALIB))
     budget, after = result.plan.budget, result.plan.dims_after
     assert abs(budget.achieved_fraction - 0.3) < 0.05
@@ -45,8 +37,8 @@ def test_prune_thirty_percent_end_to_end_and_reload(case, tmp_path, calib_text):
 
 
 def test_phi3_longrope_head_pruning_is_refused_before_loading(tmp_path, calib_text, monkeypatch):
-    folder = save_family(tmp_path / "dense", "phi3_gqa", **LONGROPE)
-    monkeypatch.setattr(amprune.pipeline, "load_model", lambda *a: pytest.fail("the model was loaded"))
+    folder = save_tiny(tmp_path / "dense", "phi3_gqa", **LONGROPE)
+    monkeypatch.setattr(amprune.pipeline, "open_weights", lambda *a, **k: pytest.fail("the weights were opened"))
     message = (
         "cannot prune the attention heads of this 'phi3' model: Phi3Config requires its longrope "
         "short_factor/long_factor to have (hidden_size // num_attention_heads · partial_rotary_factor) / 2 = 4 "
@@ -59,11 +51,11 @@ def test_phi3_longrope_head_pruning_is_refused_before_loading(tmp_path, calib_te
 
 
 def test_phi3_longrope_rule_is_real_and_mlp_only_pruning_works(tmp_path, calib_text):
-    model = family_model("phi3_gqa", **LONGROPE)
+    model = tiny_model("phi3_gqa", **LONGROPE)
     fields = dict(model.config.to_dict(), num_attention_heads=4, head_dim=8)
     with pytest.raises(StrictDataclassClassValidationError, match="short_factor field must have length 6, got 4"):
         AutoConfig.for_model(**fields)  # what a head-pruned checkpoint's config would do on load
-    folder = save_family(tmp_path / "dense", "phi3_gqa", **LONGROPE)
+    folder = save_tiny(tmp_path / "dense", "phi3_gqa", **LONGROPE)
     result = prune(PruneRequest(out=str(tmp_path / "out"), model=folder, mlp_ratio=0.25, calib=calib_text, **CALIB))
     cfg = AutoConfig.from_pretrained(result.out)
     assert (cfg.num_attention_heads, cfg.intermediate_size) == (6, 30)
@@ -71,14 +63,14 @@ def test_phi3_longrope_rule_is_real_and_mlp_only_pruning_works(tmp_path, calib_t
 
 
 def test_phi_qk_layernorm_head_pruning_is_refused(tmp_path, calib_text):
-    folder = save_family(tmp_path / "dense", "phi", qk_layernorm=True)
+    folder = save_tiny(tmp_path / "dense", "phi", qk_layernorm=True)
     with pytest.raises(AmpruneError, match=r"^cannot prune the attention heads of this 'phi' model: its q/k "
                        r"LayerNorms are built with hidden_size // num_attention_heads channels, .*--mlp-ratio$"):
         prune(PruneRequest(out=str(tmp_path / "out"), model=folder, head_ratio=0.25, calib=calib_text, **CALIB))
 
 
 def test_gemma_head_count_refused_by_its_config_is_steered_not_saved(tmp_path, calib_text):
-    model = family_model("gemma3_mqa")
+    model = tiny_model("gemma3_mqa")
     family, dims = family_and_dims(model)
     accepted = family.accepted_head_counts(model.config)
     assert accepted == {1, 2, 4}  # 64 hidden: 3 heads are refused by Gemma3TextConfig
@@ -93,7 +85,7 @@ def test_gemma_head_count_refused_by_its_config_is_steered_not_saved(tmp_path, c
         "(the plan closest to --ratio 0.2)"
     ]
 
-    result = prune(PruneRequest(out=str(tmp_path / "out"), model=save_family(tmp_path / "dense", "gemma3_mqa"),
+    result = prune(PruneRequest(out=str(tmp_path / "out"), model=save_tiny(tmp_path / "dense", "gemma3_mqa"),
                                 ratio=0.2, calib=calib_text, **CALIB))
     assert result.plan.budget == steered
     assert AutoConfig.from_pretrained(result.out).num_attention_heads == 2
@@ -102,13 +94,13 @@ def test_gemma_head_count_refused_by_its_config_is_steered_not_saved(tmp_path, c
     apply_plan(model, family, three_heads)
     with pytest.raises(AmpruneError, match=r"^a stock 'gemma3_text' config refuses 3 attention heads with hidden "
                        r"size 64; keep one of \[1, 2\] heads$"):
-        save_checkpoint(model, char_tokenizer(), three_heads, family, tmp_path / "three")
+        save_model(model, char_tokenizer(), three_heads, family, tmp_path / "three", overwrite=False)
     assert not (tmp_path / "three").exists()
 
 
 @pytest.mark.parametrize("case", ["gemma3_mqa", "gemma3_mm"])
 def test_gemma_group_mode_is_refused_for_its_single_kv_head(case, tmp_path, calib_text):
-    folder = save_family(tmp_path / "dense", case)
+    folder = save_tiny(tmp_path / "dense", case)
     with pytest.raises(AmpruneError, match=r"^--gqa-mode group cannot prune heads of a model with a single KV head"):
         prune(PruneRequest(out=None, model=folder, ratio=0.3, gqa_mode="group", calib=calib_text, **CALIB))
 

@@ -156,15 +156,28 @@ def load_tokenizer(source: str):
     return tokenizer
 
 
-def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
-    """Defaults: CUDA if present else CPU; float32 on CPU, bfloat16 on CUDA."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def resolve_device(device: str | None) -> torch.device:
+    """The device to compute on: CUDA if present else CPU by default; a missing CUDA is an error."""
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise AmpruneError(f"unknown --device '{device}'; use cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise AmpruneError("--device cuda was requested but no CUDA device is available")
-    name = dtype or ("bfloat16" if dev.type == "cuda" else "float32")
-    if name not in DTYPES:
-        raise AmpruneError(f"unknown --dtype '{name}'; choose one of: {', '.join(DTYPES)}")
-    return dev, DTYPES[name]
+    return dev
+
+
+def parse_dtype(dtype: str | None) -> torch.dtype | None:
+    """The torch dtype a --dtype names (None stays None: the caller's default)."""
+    if dtype is not None and dtype not in DTYPES:
+        raise AmpruneError(f"unknown --dtype '{dtype}'; choose one of: {', '.join(DTYPES)}")
+    return None if dtype is None else DTYPES[dtype]
+
+
+def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
+    """Defaults: CUDA if present else CPU; float32 on CPU, bfloat16 on CUDA."""
+    dev = resolve_device(device)
+    return dev, parse_dtype(dtype) or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
 
 
 def load_model(source: str, device: torch.device, dtype: torch.dtype):
