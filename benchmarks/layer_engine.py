@@ -78,9 +78,11 @@ def compare_checkpoints(a: Path, b: Path) -> dict:
     plans = [json.loads((folder / "amprune_plan.json").read_text())["layers"] for folder in (a, b)]
     same_units = all(x[key] == y[key] for x, y in zip(*plans, strict=True)
                      for key in ("heads_kept", "kv_heads_kept", "neurons_kept"))
-    tensors = [{k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()} for folder in (a, b)]
+    tensors = [{k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+               for folder in (a, b)]
     same_names = sorted(tensors[0]) == sorted(tensors[1])
-    worst = max((tensors[0][k].float() - tensors[1][k].float()).abs().max().item() for k in tensors[0] if k in tensors[1])
+    worst = max((tensors[0][k].float() - tensors[1][k].float()).abs().max().item()
+                for k in tensors[0] if k in tensors[1])
     return {"same_units": same_units, "same_tensor_names": same_names, "max_abs_diff": worst}
 
 

@@ -164,3 +164,16 @@ def test_output_folder_rules(tmp_path):
     with pytest.raises(AmpruneError, match="is not a writable folder"):
         check_output_dir(tmp_path / "missing" / "deeper" / "out", overwrite=False)
     check_output_dir(tmp_path / "empty", overwrite=False)
+
+
+def test_a_model_too_large_for_memory_is_checked_with_disk_offload(tmp_path, monkeypatch, caplog):
+    model, family, plan = pruned("llama_gqa")
+    out = save_model(model, char_tokenizer(), plan, family, tmp_path / "out", overwrite=False)
+    ids = torch.arange(4, 30).unsqueeze(0)
+    with torch.no_grad():
+        expected = model(ids).logits
+    monkeypatch.setattr(checkpoint, "fits_in_memory", lambda nbytes: False)
+    with caplog.at_level("WARNING"):
+        assert verify_reload(out, ids, expected, torch.float32, torch.device("cpu"), budget=30_000) == 0.0
+    assert "offloaded to the disk" in caplog.text  # accelerate's device map kept most weights on disk
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the offload folder is gone

@@ -263,11 +263,12 @@ def fits_in_memory(nbytes: int) -> bool:
 
 @torch.inference_mode()
 def verify_reload(out: str | Path, probe: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype,
-                  device: torch.device, atol: float = 1e-4) -> float:
+                  device: torch.device, atol: float = 1e-4, budget: int | None = None) -> float:
     """Reload `out` with stock transformers and return the max |logit difference| to `expected` on `probe`.
 
-    A model too large for the memory left is loaded with accelerate's device map, offloading what does
-    not fit to disk. Raises if the reloaded model disagrees by more than `atol` (5e-2 in half precision).
+    A model too large for the memory left is loaded with accelerate's device map: `budget` bytes (default:
+    half the RAM available) in memory, the rest offloaded to disk and read as the forward reaches it.
+    Raises if the reloaded model disagrees by more than `atol` (5e-2 in half precision).
     """
     from transformers import AutoModelForCausalLM
 
@@ -277,7 +278,7 @@ def verify_reload(out: str | Path, probe: torch.Tensor, expected: torch.Tensor, 
         reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=dtype).to(device)
     else:
         offload = Path(tempfile.mkdtemp(prefix=".offload-", dir=Path(out).parent))
-        budget = {"cpu": int(psutil.virtual_memory().available / 2)}
+        budget = {"cpu": budget or int(psutil.virtual_memory().available / 2)}
         if device.type == "cuda":
             budget[device.index or 0] = int(torch.cuda.mem_get_info(device)[0] * 0.8)
         reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=dtype, device_map="auto", max_memory=budget,

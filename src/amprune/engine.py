@@ -43,6 +43,7 @@ from .scoring import SCORERS, Needs
 from .stats import LayerStats, layer_scores, recording
 from .streams import HiddenStates, choose_place, stream_bytes
 from .surgery import prune_layer, update_config
+from .weights import footprint
 
 logger = logging.getLogger(__name__)
 
@@ -244,8 +245,9 @@ class LayerEngine:
         size = stream_bytes([tuple(x.shape) for x in first], dtype)
         workspace = settings.workspace or Path.cwd()
         output = sum(run.writer.bytes for run in self.runs if run.writer is not None)
-        place = choose_place(settings.hidden_states, count * size, reserve=2 * _layer_bytes(self.source),
-                             folder=workspace, disk_needed=output)
+        layer_bytes = footprint(shell, family, self.source.dtype)[1]
+        place = choose_place(settings.hidden_states, count * size, reserve=2 * layer_bytes, folder=workspace,
+                             disk_needed=output)
         spill = iter(range(count))
 
         def new_stream() -> _Stream:
@@ -369,10 +371,3 @@ class LayerEngine:
 def layer_device(layer: nn.Module) -> torch.device:
     return next(layer.parameters()).device
 
-
-def _layer_bytes(source) -> int:
-    """Bytes of one dense decoder layer in the compute dtype (the engine holds two at a time)."""
-    dims = Dims.from_config(source.family.sizes_config(source.config))
-    per_layer = (dims.num_heads + 2 * dims.num_kv_heads) * dims.head_dim * dims.hidden_size * 2
-    per_layer += 3 * dims.intermediate_size * dims.hidden_size
-    return per_layer * source.dtype.itemsize

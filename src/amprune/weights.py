@@ -128,6 +128,15 @@ def local_folder(source: str) -> Path:
         raise AmpruneError(f"cannot fetch {source} from the hub: {' '.join(str(err).split())[:300]}") from None
 
 
+def footprint(model: nn.Module, family: Family, dtype: torch.dtype) -> tuple[int, int]:
+    """(bytes of everything but the decoder layers, bytes of the largest decoder layer) in `dtype`, from the
+    parameters' shapes (real or meta)."""
+    layers = family.decoder_layers(model)
+    layer = max(sum(p.numel() for p in layer.parameters()) for layer in layers)
+    total = sum(p.numel() for p in model.parameters())
+    return (total - sum(p.numel() for p in layers.parameters())) * dtype.itemsize, layer * dtype.itemsize
+
+
 class Checkpoint:
     """A safetensors checkpoint opened lazily (see the module docstring).
 
