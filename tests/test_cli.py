@@ -21,7 +21,7 @@ def tiny_folder(tmp_path):
 
 
 def prune(args, capsys):
-    code = main(["--quiet", "prune", *args])
+    code = main(["--quiet", "prune", "--recipe", "paper", *args])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -163,7 +163,12 @@ BAD = [
     ("dense", ["--ratio", "0.3", "--device", "cuda"], "--device cuda was requested but no CUDA device is available"),
     ("gguf", ["--ratio", "0.3"], "cannot read the GGUF file "),
     ("dense", ["--ratio", "0.3", "--calib", "missing.jsonl"], "calibration source 'missing.jsonl' is neither"),
-    ("dense", ["--ratio", "0.3", "--samples", "500"], "too short for --samples 500 × --seq-len 32"),
+    ("dense", ["--ratio", "0.3", "--samples", "500"], "has 4219 tokens (131 windows of --seq-len 32), too few for 500 "
+                                                      "samples; lower --samples or use a longer source"),
+    ("dense", ["--ratio", "0.3", "--recipe", "default", "--heldout", "2"],
+     "the allocation search needs at least 2048 held-out calibration tokens to rank its candidates, got 64; raise "
+     "--heldout (or --seq-len), or use --allocation uniform"),
+    ("dense", ["--ratio", "0.97", "--recipe", "default"], "no stock-valid plan removes 97.0% of the parameters"),
     ("nan", ["--ratio", "0.3"], "non-finite activations in decoder layer 0"),
     ("full", ["--ratio", "0.3"], "is not empty; pass --overwrite to replace it"),
     ("dense", ["--ratio", "0.3", "--batch-size", "0"], "--batch-size must be positive, got 0"),

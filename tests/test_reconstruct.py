@@ -214,8 +214,8 @@ def test_prune_with_reconstruct_saves_a_stock_checkpoint_with_the_plan(tmp_path,
     folder = save_tiny(tmp_path / "dense", "llama_gqa")
     common = dict(model=folder, head_ratio=1 / 3, mlp_ratio=0.25, calib=calib_text, samples=4, seq_len=32,
                   progress=False)
-    plain = prune(PruneRequest(out=None, **common))
-    result = prune(PruneRequest(out=str(tmp_path / "pruned"), correction="refit", **common))
+    plain = prune(PruneRequest(recipe="paper", out=None, **common))
+    result = prune(PruneRequest(recipe="paper", out=str(tmp_path / "pruned"), correction="refit", **common))
     assert result.plan.layers == plain.plan.layers  # the same units go; only o_proj/down_proj differ
     assert result.plan.settings["correction"] == "refit"
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
@@ -335,8 +335,8 @@ def test_prune_one_pass_saves_a_stock_checkpoint_and_its_first_heads_match_the_d
     folder = save_tiny(tmp_path / "dense", "llama_gqa")
     common = dict(model=folder, head_ratio=1 / 3, mlp_ratio=0.25, calib=calib_text, samples=4, seq_len=32,
                   progress=False)
-    plain = prune(PruneRequest(out=None, **common))
-    result = prune(PruneRequest(out=str(tmp_path / "pruned"), correction="refit-one-pass", **common))
+    plain = prune(PruneRequest(recipe="paper", out=None, **common))
+    result = prune(PruneRequest(recipe="paper", out=str(tmp_path / "pruned"), correction="refit-one-pass", **common))
     # layer 0 sees the same embeddings either way: the same head scores, so the same heads
     assert result.plan.layers[0].head_scores == pytest.approx(plain.plan.layers[0].head_scores, rel=1e-5)
     assert result.plan.layers[0].heads_kept == plain.plan.layers[0].heads_kept
@@ -346,23 +346,23 @@ def test_prune_one_pass_saves_a_stock_checkpoint_and_its_first_heads_match_the_d
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
     shapes = {n: p.shape for n, p in plain.model.named_parameters()}
     assert {n: p.shape for n, p in reloaded.named_parameters()} == shapes
-    flap = prune(PruneRequest(out=None, correction="refit-one-pass", scorer="flap", **common))
+    flap = prune(PruneRequest(recipe="paper", out=None, correction="refit-one-pass", scorer="flap", **common))
     assert sum(p.numel() for p in flap.model.parameters()) == flap.plan.budget.params_after
 
 
 def test_one_pass_bad_inputs(tmp_path, calib_text, capsys):
     common = dict(out=None, model=save_tiny(tmp_path / "dense", "llama_gqa"), ratio=0.2, calib=calib_text)
-    args = ["--quiet", "prune", "--model", common["model"], "--ratio", "0.2", "--out", str(tmp_path / "o")]
+    args = ["--quiet", "prune", "--recipe", "paper", "--model", common["model"], "--ratio", "0.2", "--out", str(tmp_path / "o")]
     assert main([*args, "--one-pass"]) == 2  # the deprecated flag alone meant nothing
     assert "--one-pass cannot be combined that way; use --correction {none,bias,refit,refit-one-pass}" in (
         capsys.readouterr().err)
     assert not (tmp_path / "o").exists()
     with pytest.raises(AmpruneError, match=r"^--correction refit-one-pass cannot use --scorer taylor: it needs the "
                        r"whole model's gradients$"):
-        prune(PruneRequest(correction="refit-one-pass", scorer="taylor", **common))
+        prune(PruneRequest(recipe="paper", correction="refit-one-pass", scorer="taylor", **common))
     with pytest.raises(AmpruneError, match=r"^unknown scorer 'nope'; choose from: amp, reversed, random, magnitude, "
                        r"wanda_sp, flap, obs$"):  # the scorers one pass can run
-        prune(PruneRequest(correction="refit-one-pass", scorer="nope", **common))
+        prune(PruneRequest(recipe="paper", correction="refit-one-pass", scorer="nope", **common))
 
 
 def _damped_refit_error(x: torch.Tensor, weight: torch.Tensor, kept: list[int], lam: float) -> float:
@@ -427,7 +427,7 @@ def test_one_pass_obs_removes_the_heads_the_refit_misses_least(case):
 
 def test_prune_one_pass_obs_saves_a_stock_checkpoint(tmp_path, calib_text):
     folder = save_tiny(tmp_path / "dense", "llama_gqa")
-    result = prune(PruneRequest(out=str(tmp_path / "pruned"), model=folder, ratio=0.3, calib=calib_text, samples=4,
+    result = prune(PruneRequest(recipe="paper", out=str(tmp_path / "pruned"), model=folder, ratio=0.3, calib=calib_text, samples=4,
                                 seq_len=32, progress=False, correction="refit-one-pass", scorer="obs", keep_model=True))
     saved = Plan.load(tmp_path / "pruned")
     assert saved.settings["method"] == "obs" and saved.layers == result.plan.layers

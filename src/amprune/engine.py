@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +43,7 @@ from .reconstruct import DEFAULT_DAMPING, LayerChooser, fixed_units, refit_layer
 from .scoring import SCORERS, Needs
 from .stats import LayerStats, layer_scores, recording
 from .streams import HiddenStates, choose_place, stream_bytes
-from .surgery import prune_layer, update_config
+from .surgery import drop_layers, prune_layer, update_config
 from .weights import footprint
 
 logger = logging.getLogger(__name__)
@@ -72,7 +73,8 @@ class RunResult:
 
     layers: list[LayerPlan] = field(default_factory=list)
     errors: list[dict] = field(default_factory=list)  # per layer, re-fitting corrections only
-    probe_logits: torch.Tensor | None = None
+    probe_logits: torch.Tensor | None = None  # (B, t, V) the pruned model's logits for the probe
+    probe_nll: float | None = None  # instead (`Settings.probe_loss`): its mean next-token NLL on the probe
     error: str | None = None  # why the run stopped (`Settings.isolate_failures`)
 
 
@@ -90,6 +92,8 @@ class Settings:
     keep_layers: bool = False  # leave the pruned layers in the source's model (one run only)
     gradients: bool = False  # the source model's `.grad` holds Taylor gradients
     isolate_failures: bool = False  # a failing run stops alone (its error recorded) instead of the pass
+    probe_loss: bool = False  # report each run's NLL on the probe (held-out samples) instead of its logits
+    observe: Callable | None = None  # called as observe(layer, input, output, mask) per dense-stream batch
     progress: bool = True
 
 
@@ -163,14 +167,31 @@ def final_logits(shell: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, hid
         return shell(input_ids=ids.to(device), use_cache=False).logits.float().cpu()
 
 
-def _forward(layer: nn.Module, stream: HiddenStates, calls: list, masks: list, out: HiddenStates,
-             stats: LayerStats | None, device: torch.device) -> None:
-    """Run `layer` on every batch of `stream` into `out`; `stats` (if any) hears each batch's mask."""
+def probe_nll(shell: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, hidden: torch.Tensor) -> float:
+    """Mean next-token negative log-likelihood of the probe rows (one at a time: logits are vocabulary-wide),
+    summed over the ranks' probes."""
+    total = torch.zeros(2, dtype=torch.float64)
+    for row in range(len(ids)):
+        logits = final_logits(shell, layers, ids[row : row + 1], hidden[row : row + 1])[0, :-1]
+        total[0] += torch.nn.functional.cross_entropy(logits, ids[row, 1:].cpu(), reduction="sum").double()
+        total[1] += len(logits)
+    distributed.sum_(total)
+    return (total[0] / total[1]).item()
+
+
+def _forward(layer: nn.Module, index: int, stream: HiddenStates, calls: list, masks: list, out: HiddenStates,
+             stats: LayerStats | None, observe: Callable | None, device: torch.device) -> None:
+    """Run `layer` on every batch of `stream` into `out`; `stats` (if any) hears each batch's mask,
+    `observe` (if any) sees each batch's input and output."""
     for batch, (args, kwargs) in enumerate(calls):
         if stats is not None:
             stats.mask = masks[batch]
-        output = layer(stream[batch].to(device, non_blocking=True), *args, **kwargs)
-        out[batch] = output[0] if isinstance(output, tuple) else output
+        x = stream[batch].to(device, non_blocking=True)
+        output = layer(x, *args, **kwargs)
+        output = output[0] if isinstance(output, tuple) else output
+        if observe is not None:
+            observe(index, x, output, masks[batch])
+        out[batch] = output
 
 
 class _Stream:
@@ -196,7 +217,7 @@ class _RunState:
     run: Run
     result: RunResult
     stream: _Stream | None
-    probe: torch.Tensor  # (1, t, D): the probe's hidden states after this run's pruned layers
+    probe: torch.Tensor  # (B, t, D): the probe's hidden states after this run's pruned layers
     chooser: LayerChooser | None
 
 
@@ -206,7 +227,8 @@ class LayerEngine:
     Args:
         source: `weights.Checkpoint` (lazy) or `weights.InMemory`.
         calib: the calibration samples (all of them: each rank takes its share).
-        probe: (t,) token ids the pruned model's final logits are computed on.
+        probe: (t,) or (B, t) token ids the pruned model's final logits (or, `Settings.probe_loss`, its mean
+            NLL: each rank then carries its share of the rows) are computed on.
     """
 
     def __init__(self, source, calib: CalibrationSet, probe: torch.Tensor, runs: list[Run], settings: Settings):
@@ -215,14 +237,15 @@ class LayerEngine:
         self.source, self.runs, self.settings = source, runs, settings
         self.family = source.family
         self.dims = Dims.from_config(self.family.sizes_config(source.config))
-        self.calib, self.probe_ids = calib, probe[None]
+        probe = probe if probe.dim() == 2 else probe[None]
+        self.calib, self.probe_ids = calib, distributed.my_share(probe) if settings.probe_loss else probe
         for run in runs:
             if run.given is not None and (run.correction == "refit-one-pass" or len(run.given) != self.dims.num_layers):
                 raise ValueError("a given plan needs a LayerPlan per layer and cannot be chosen on the pruned stream")
         scored = [run for run in runs if run.correction != "refit-one-pass" and run.given is None]
         self.dense_scorers = sorted({run.scorer for run in scored})
-        self.dense_needed = any(run.correction != "refit-one-pass" and (run.given is None or run.correction == "bias")
-                                for run in runs)
+        self.dense_needed = settings.observe is not None or any(
+            run.correction != "refit-one-pass" and (run.given is None or run.correction == "bias") for run in runs)
 
     def _stats(self, device: torch.device) -> LayerStats | None:
         """The dense stream's statistics: what its scorers (and bias compensation) read."""
@@ -273,13 +296,17 @@ class LayerEngine:
                     stats = self._stats(device)
                     hooks = recording(family, layer, stats) if stats is not None else nullcontext()
                     with hooks, torch.inference_mode():
-                        _forward(layer, dense.input, calls[index], masks, dense.output, stats, device)
+                        _forward(layer, index, dense.input, calls[index], masks, dense.output, stats,
+                                 settings.observe, device)
                     if stats is not None:
                         stats.all_reduce()
                     scores = layer_scores(self.dense_scorers, family, layer, index, dims, stats, generator,
                                           settings.gradients)
                 for state in [state for state in states if state.result.error is None]:
-                    work = layer if len(states) == 1 else copy.deepcopy(layer)
+                    if index in state.run.budget.layers_dropped:
+                        continue  # the run's streams pass this layer by unchanged; nothing is written
+                    in_place = len(states) == 1 and (settings.keep_layers or self.source.reloads)
+                    work = layer if in_place else copy.deepcopy(layer)
                     try:
                         self._prune(state, work, index, calls[index], masks, scores, stats)
                         self._finish_layer(state, work, index, probe_calls[index])
@@ -298,9 +325,14 @@ class LayerEngine:
                 if stream is not None:
                     stream.close()
         for state in [state for state in states if state.result.error is None]:
-            state.result.probe_logits = final_logits(shell, layers, self.probe_ids, state.probe)
+            if settings.probe_loss:
+                state.result.probe_nll = probe_nll(shell, layers, self.probe_ids, state.probe)
+            else:
+                state.result.probe_logits = final_logits(shell, layers, self.probe_ids, state.probe)
         if settings.keep_layers:
-            update_config(family.sizes_config(shell.config), self.runs[0].budget.dims_after(dims))
+            budget = self.runs[0].budget
+            drop_layers(shell, family, budget.layers_dropped)
+            update_config(family.sizes_config(shell.config), budget.dims_after(dims), budget.layers_dropped)
         report = Report(count * size, place, str(dtype).removeprefix("torch."), distributed.world_size())
         return [state.result for state in states], report
 
@@ -365,7 +397,7 @@ class LayerEngine:
         output = layer(state.probe, *args, **kwargs)
         state.probe = output[0] if isinstance(output, tuple) else output
         if state.run.writer is not None:
-            state.run.writer.write_layer(index, layer)
+            state.run.writer.write_layer(len(state.result.layers) - 1, layer)  # its index among the kept layers
 
 
 def layer_device(layer: nn.Module) -> torch.device:

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import psutil
 import torch
 
 from . import distributed
-from .calibration import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, batches, calibration_set, read_calibration
+from .calibration import DEFAULT_SEQ_LEN, batches, calibration_set, read_calibration
 from .checkpoint import CheckpointWriter, check_output_dir, output_config, saved_model_type, verify_reload
 from .compensation import biased_config, biased_linears
 from .engine import CORRECTIONS, LayerEngine, Report, Run, Settings
@@ -33,8 +33,10 @@ from .models.loading import (
     resolve_model,
 )
 from .plan import Budget, Plan, UnitParams, check_ratios, make_budget
+from .recipes import Recipe, resolve
 from .resources import peak_memory, reset_peak_memory
 from .scoring import SCORERS, Needs
+from .search import candidates, check_heldout, search
 from .stats import check_scorers, collect_gradients
 from .streams import GIB, PLACES
 from .surgery import unit_params
@@ -46,19 +48,25 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class PruneRequest:
-    """Everything `amprune prune` is asked to do; the CLI builds one, so can Python callers."""
+    """Everything `amprune prune` is asked to do; the CLI builds one, so can Python callers.
+
+    The fields left None take their recipe's value (`amprune.recipes`): `recipe="paper"` is AMP as published.
+    """
 
     out: str | None  # None: prune in memory only (the model comes back in the result)
     model: str | None = None  # None: the packaged SmolLM2-135M-Instruct
     ratio: float | None = None
     head_ratio: float | None = None
     mlp_ratio: float | None = None
+    recipe: str = "default"
+    scorer: str | None = None  # a name in amprune.scoring.SCORERS
+    correction: str | None = None  # how removed units are made up for: none | bias | refit | refit-one-pass
+    allocation: str | None = None  # search | uniform (with --ratio)
+    calib: str | None = None
+    samples: int | None = None
+    round_to: int | None = None  # keep a multiple of this many neurons per layer (1: AMP's exact rule)
+    heldout: int | None = None  # held-out calibration samples the allocation search ranks on
     gqa_mode: str = "query"
-    round_to: int = 1  # keep a multiple of this many neurons per layer (1: AMP's exact rule)
-    scorer: str = "amp"  # a name in amprune.scoring.SCORERS
-    correction: str = "none"  # how removed units are made up for: none | bias | refit | refit-one-pass
-    calib: str = "c4"
-    samples: int = DEFAULT_SAMPLES
     seq_len: int = DEFAULT_SEQ_LEN
     seed: int = 0  # draws calibration samples (and the `random` scorer's scores)
     batch_size: int = 8
@@ -69,6 +77,11 @@ class PruneRequest:
     verify: bool = True
     keep_model: bool = False  # also return the pruned model in memory when saving (small models)
     progress: bool = True
+
+    def resolved(self) -> Recipe:
+        """The recipe with this request's explicit values in place of its own."""
+        return resolve(self.recipe, scorer=self.scorer, correction=self.correction, allocation=self.allocation,
+                       calib=self.calib, samples=self.samples, round_to=self.round_to, heldout=self.heldout)
 
 
 @dataclass
@@ -131,19 +144,24 @@ def describe_model(model: str | None, bias_compensation: bool = False) -> ModelI
     return ModelInfo(source, config, family, dims, total_params, units)
 
 
-def check_request(request: PruneRequest) -> None:
-    """The checks that need no model: options, ratios, scorer, output folder."""
-    if request.correction not in CORRECTIONS:
-        raise AmpruneError(f"unknown --correction '{request.correction}'; choose one of: {', '.join(CORRECTIONS)}")
+def check_request(request: PruneRequest) -> Recipe:
+    """The checks that need no model: options, ratios, scorer, output folder. Returns the resolved recipe."""
+    recipe = request.resolved()
+    if recipe.correction not in CORRECTIONS:
+        raise AmpruneError(f"unknown --correction '{recipe.correction}'; choose one of: {', '.join(CORRECTIONS)}")
     if request.hidden_states not in PLACES:
         raise AmpruneError(f"unknown --hidden-states '{request.hidden_states}'; choose one of: {', '.join(PLACES)}")
-    if request.batch_size <= 0:
-        raise AmpruneError(f"--batch-size must be positive, got {request.batch_size}")
+    for flag, value in (("--batch-size", request.batch_size), ("--round-to", recipe.round_to)):
+        if value <= 0:
+            raise AmpruneError(f"{flag} must be positive, got {value}")
+    if recipe.heldout < 0:
+        raise AmpruneError(f"--heldout must be zero or more, got {recipe.heldout}")
     parse_dtype(request.dtype)
     check_ratios(request.ratio, request.head_ratio, request.mlp_ratio)
-    check_scorers([request.scorer], request.correction == "refit-one-pass")
+    check_scorers([recipe.scorer], recipe.correction == "refit-one-pass")
     if request.out is not None:
         check_output_dir(request.out, request.overwrite)
+    return recipe
 
 
 def open_weights(info: ModelInfo, device: torch.device, dtype: torch.dtype | None, whole: bool):
@@ -169,7 +187,7 @@ def _check_gradients_fit(info: ModelInfo, device: torch.device) -> None:
 
 
 def prune(request: PruneRequest) -> PruneResult:
-    """Prune a model as `request` says (AMP unless another scorer is named); returns its plan."""
+    """Prune a model as `request` says (its recipe unless overridden); returns its plan."""
     started = time.perf_counter()
     seconds: dict[str, float] = {}
     reset_peak_memory()
@@ -177,22 +195,29 @@ def prune(request: PruneRequest) -> PruneResult:
     # 1. Validate everything cheap first: what needs no model (options, ratios, scorer, output folder,
     #    calibration source), then what needs its config (family, plan sizes, GQA mode, saved type) and
     #    its tokenizer (text length). Every rank checks it runs the same request.
-    check_request(request)
+    recipe = check_request(request)
     device = distributed.local_device(resolve_device(request.device))
     distributed.start(device)
     distributed.check_agreement({k: v for k, v in asdict(request).items() if k not in ("device", "progress")})
-    calib_text = read_calibration(request.calib, request.samples, request.seq_len)
-    bias = request.correction == "bias"
+    searching = recipe.allocation == "search" and request.ratio is not None
+    calib_text = read_calibration(recipe.calib, recipe.samples, request.seq_len)
+    bias = recipe.correction == "bias"
     info = describe_model(request.model, bias)  # converts a .gguf (once)
     config, family, dims = info.config, info.family, info.dims
-    budget = info.budget(request.gqa_mode, ratio=request.ratio, head_ratio=request.head_ratio,
-                         mlp_ratio=request.mlp_ratio, round_to=request.round_to)
-    saved_as = saved_model_type(family, config, budget.dims_after(dims))
-    gradients = SCORERS[request.scorer].needs is Needs.GRADIENTS
+    if searching:
+        candidates(info, recipe, request.gqa_mode, request.ratio)  # fails now if no allocation reaches the ratio
+    else:
+        budget = info.budget(request.gqa_mode, ratio=request.ratio, head_ratio=request.head_ratio,
+                             mlp_ratio=request.mlp_ratio, round_to=recipe.round_to)
+        saved_model_type(family, config, budget.dims_after(dims))  # fails now, not after the pass, if unsavable
+    gradients = SCORERS[recipe.scorer].needs is Needs.GRADIENTS
     if gradients:
         _check_gradients_fit(info, device)
     tokenizer = load_tokenizer(info.source)
-    calib = calibration_set(calib_text, tokenizer, request.samples, request.seq_len, request.seed)
+    calib = calibration_set(calib_text, tokenizer, recipe.samples, request.seq_len, request.seed,
+                            heldout=recipe.heldout if searching else 0)
+    if searching:
+        check_heldout(calib)
 
     # 2. Open the weights: lazily (one layer at a time), or whole for Taylor's gradients.
     source = open_weights(info, device, parse_dtype(request.dtype), whole=gradients)
@@ -202,23 +227,32 @@ def prune(request: PruneRequest) -> PruneResult:
         todo = list(batches(distributed.my_share(calib.samples), request.batch_size, pad_id))
         collect_gradients(source.model, family, todo, device, request.progress)
         seconds["gradients"] = time.perf_counter() - tick
+    settings = Settings(batch_size=request.batch_size, pad_id=pad_id, seed=request.seed,
+                        hidden_states=request.hidden_states, save_dtype=source.stored_dtype, gradients=gradients,
+                        progress=request.progress)
+
+    # 3. Where to cut: every stock-valid allocation pruned on a slice, ranked by held-out loss.
+    found = None
+    if searching:
+        tick = time.perf_counter()
+        found = search(source, info, calib, recipe, request.gqa_mode, request.ratio, settings)
+        budget = found.budget
+        seconds["search"] = time.perf_counter() - tick
+    saved_as = saved_model_type(family, config, budget.dims_after(dims))
+
+    # 4. One pass over the decoder layers: score, choose, slice (and re-fit), write.
     writer = None
     if request.out is not None and distributed.rank() == 0:
-        writer = CheckpointWriter(request.out, request.overwrite, output_config(config, family, budget.dims_after(dims),
-                                                                              saved_as), source.stored_dtype,
-                                  family.layers + ".")
+        writer = CheckpointWriter(request.out, request.overwrite,
+                                  output_config(config, family, budget.dims_after(dims), saved_as,
+                                                budget.layers_dropped), source.stored_dtype, family.layers + ".")
         if writer.num_parameters != budget.params_after:
             raise RuntimeError(f"the pruned config holds {writer.num_parameters} parameters, the plan expects "
                                f"{budget.params_after}")
-
-    # 3. One pass over the decoder layers: score, choose, slice (and re-fit), write.
     tick = time.perf_counter()
-    run = Run(request.scorer, budget, request.correction, writer,
-              biased_linears(config, family) if bias else frozenset())
-    settings = Settings(batch_size=request.batch_size, pad_id=pad_id, seed=request.seed,
-                        hidden_states=request.hidden_states, workspace=writer.staging if writer else None,
-                        save_dtype=source.stored_dtype, keep_layers=request.out is None or request.keep_model,
-                        gradients=gradients, progress=request.progress)
+    run = Run(recipe.scorer, budget, recipe.correction, writer, biased_linears(config, family) if bias else frozenset())
+    settings = replace(settings, workspace=writer.staging if writer else None,
+                       keep_layers=request.out is None or request.keep_model)
     probe = calib.samples[0][:16]
     try:
         (result,), report = LayerEngine(source, calib, probe, [run], settings).run()
@@ -228,13 +262,16 @@ def prune(request: PruneRequest) -> PruneResult:
         raise
     seconds["prune"] = time.perf_counter() - tick
     plan = Plan(dims=dims, budget=budget, layers=result.layers, versions=package_versions(), settings={
-        "method": request.scorer,
-        "correction": request.correction,
+        "recipe": request.recipe,
+        "method": recipe.scorer,
+        "correction": recipe.correction,
+        "allocation": found.to_dict(dims) if found else "uniform",
         "model": request.model or default_model(),
         "model_type": config.model_type,
         "saved_as": saved_as if saved_as != config.model_type else None,
         "calibration": calib.source,
         "samples": len(calib.samples),
+        "heldout_samples": len(calib.heldout),
         "seq_len": calib.seq_len,
         "calibration_tokens": calib.num_tokens,
         "seed": calib.seed,
@@ -242,15 +279,15 @@ def prune(request: PruneRequest) -> PruneResult:
         "head_ratio": request.head_ratio,
         "mlp_ratio": request.mlp_ratio,
         "gqa_mode": request.gqa_mode,
-        "round_to": request.round_to,
+        "round_to": recipe.round_to,
         "dtype": str(source.stored_dtype).removeprefix("torch."),
         "compute_dtype": report.compute_dtype,
         "world_size": report.world_size,
         "reconstruction": {"damping": settings.damping, "relative_calibration_error": result.errors}
-        if request.correction.startswith("refit") else None,
+        if recipe.correction.startswith("refit") else None,
     })
 
-    # 4. Finish the checkpoint atomically, then check that stock transformers reloads the same model.
+    # 5. Finish the checkpoint atomically, then check that stock transformers reloads the same model.
     out = None
     if writer is not None:
         tick = time.perf_counter()

@@ -42,6 +42,7 @@ class UnitParams:
     head: int  # one query head: its q rows and o_proj columns
     kv_head: int  # one KV head: its k and v rows
     neuron: int  # one neuron: its gate/up rows and down_proj column
+    layer: int = 0  # a whole decoder layer (what dropping it removes)
 
 
 @dataclass(frozen=True)
@@ -56,14 +57,16 @@ class Budget:
     params_after: int
     target_fraction: float | None  # --ratio, if the budget came from it
     notes: list[str] = field(default_factory=list)  # adjustments the user should know about
+    layers_dropped: tuple[int, ...] = ()  # whole decoder layers removed (dense model's indices); the rest lose units
 
     @property
     def achieved_fraction(self) -> float:
         return 1.0 - self.params_after / self.params_before
 
     def dims_after(self, dims: Dims) -> Dims:
-        """The sizes every layer of a model with `dims` has after losing this budget's units."""
-        return replace(dims, num_heads=dims.num_heads - self.heads_removed,
+        """The sizes every layer of a model with `dims` has after losing this budget's units and layers."""
+        return replace(dims, num_layers=dims.num_layers - len(self.layers_dropped),
+                       num_heads=dims.num_heads - self.heads_removed,
                        num_kv_heads=dims.num_kv_heads - self.kv_heads_removed,
                        intermediate_size=dims.intermediate_size - self.neurons_removed)
 
@@ -305,6 +308,7 @@ class Plan:
         if data.get("format") != PLAN_FORMAT:
             raise AmpruneError(f"not an amprune plan (format {data.get('format')!r}, expected {PLAN_FORMAT!r})")
         budget = {k: v for k, v in data["budget"].items() if k != "achieved_fraction"}
+        budget["layers_dropped"] = tuple(budget.get("layers_dropped", ()))
         return cls(
             dims=Dims(**data["dims_before"]),
             budget=Budget(**budget),

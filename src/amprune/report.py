@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .plan import Plan
+from .streams import human_bytes
 
 
 def _gib(nbytes: int) -> str:
@@ -54,7 +55,7 @@ def memory_summary(memory: dict) -> str:
     """Peak memory beside the model's size and the hidden states', where they lived, and the world size."""
     peak = memory["peak"]
     line = f"peak memory: {_gib(peak['rss'])} RSS" + (f", {_gib(peak['cuda'])} CUDA" if "cuda" in peak else "")
-    line += (f" · model {_gib(memory['model_bytes'])} · hidden states {_gib(memory['hidden_bytes'])} "
+    line += (f" · model {human_bytes(memory['model_bytes'])} · hidden states {human_bytes(memory['hidden_bytes'])} "
              f"({memory['hidden_place']})")
     if memory.get("world_size", 1) > 1:
         line += f" · {memory['world_size']} ranks"

@@ -69,7 +69,7 @@ def unit_params(family: Family, layer: nn.Module, dims: Dims) -> UnitParams:
     else:
         neuron = sum(_out_row_params(getattr(mlp, name), 1) for name in (family.gate, family.up) if name)
     neuron += getattr(mlp, family.down).out_features
-    return UnitParams(head=head, kv_head=kv_head, neuron=neuron)
+    return UnitParams(head=head, kv_head=kv_head, neuron=neuron, layer=sum(p.numel() for p in layer.parameters()))
 
 
 def prune_layer(family: Family, layer: nn.Module, dims: Dims, keep: LayerPlan) -> None:
@@ -115,19 +115,43 @@ def _own_config(module: nn.Module, **sizes: int) -> None:
             setattr(module.config, name, value)
 
 
-def update_config(config, dims_after: Dims) -> None:
-    """Write the pruned sizes into a (sizes) config, with an explicit head_dim."""
+def update_config(config, dims_after: Dims, layers_dropped: tuple[int, ...] = ()) -> None:
+    """Write the pruned sizes into a (sizes) config, with an explicit head_dim; without the dropped layers,
+    every per-layer list (Gemma's `layer_types`, …) keeps the entries of the layers that stay."""
+    layers = config.num_hidden_layers
+    for name, value in list(vars(config).items()):
+        if isinstance(value, list) and len(value) == layers and layers_dropped:
+            setattr(config, name, [item for i, item in enumerate(value) if i not in layers_dropped])
+    config.num_hidden_layers = dims_after.num_layers
     config.num_attention_heads = dims_after.num_heads
     config.num_key_value_heads = dims_after.num_kv_heads
     config.head_dim = dims_after.head_dim
     config.intermediate_size = dims_after.intermediate_size
 
 
+def drop_layers(model: nn.Module, family: Family, dropped: tuple[int, ...]) -> None:
+    """Remove whole decoder layers; the others are renumbered (their `layer_idx` indexes the KV cache)."""
+    layers = family.decoder_layers(model)
+    for index in sorted(dropped, reverse=True):
+        del layers[index]
+    for new_index, layer in enumerate(layers):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_index
+
+
+def kept_layers(num_layers: int, dropped: tuple[int, ...]) -> list[int]:
+    """The dense model's indices of the layers a plan keeps, in order."""
+    return [index for index in range(num_layers) if index not in dropped]
+
+
 def apply_plan(model: nn.Module, family: Family, plan: Plan) -> None:
-    """Physically remove every unit the plan drops; the model and its config shrink in place."""
-    for layer, keep in zip(family.decoder_layers(model), plan.layers, strict=True):
-        prune_layer(family, layer, plan.dims, keep)
-    update_config(family.sizes_config(model.config), plan.dims_after)
+    """Physically remove every unit and layer the plan drops; the model and its config shrink in place."""
+    layers = family.decoder_layers(model)
+    for index, keep in zip(kept_layers(len(layers), plan.budget.layers_dropped), plan.layers, strict=True):
+        prune_layer(family, layers[index], plan.dims, keep)
+    drop_layers(model, family, plan.budget.layers_dropped)
+    update_config(family.sizes_config(model.config), plan.dims_after, plan.budget.layers_dropped)
 
 
 def dropped_inputs(keep: LayerPlan, dims: Dims) -> tuple[list[int], list[int]]:
@@ -140,8 +164,15 @@ def dropped_inputs(keep: LayerPlan, dims: Dims) -> tuple[list[int], list[int]]:
 
 @torch.no_grad()
 def mask_plan(model: nn.Module, family: Family, plan: Plan) -> None:
-    """Zero the o_proj/down_proj input columns of every dropped unit; shapes stay. A test tool."""
-    for layer, keep in zip(family.decoder_layers(model), plan.layers, strict=True):
+    """Zero the o_proj/down_proj input columns of every dropped unit, and the whole o_proj/down_proj (biases
+    too) of every dropped layer, which then adds nothing to the residual stream; shapes stay. A test tool."""
+    layers = family.decoder_layers(model)
+    for index in plan.budget.layers_dropped:
+        for linear in (family.o_proj(layers[index]), family.down_proj(layers[index])):
+            linear.weight.zero_()
+            if linear.bias is not None:
+                linear.bias.zero_()
+    for index, keep in zip(kept_layers(len(layers), plan.budget.layers_dropped), plan.layers, strict=True):
         o_channels, neurons = dropped_inputs(keep, plan.dims)
-        family.o_proj(layer).weight[:, o_channels] = 0
-        family.down_proj(layer).weight[:, neurons] = 0
+        family.o_proj(layers[index]).weight[:, o_channels] = 0
+        family.down_proj(layers[index]).weight[:, neurons] = 0

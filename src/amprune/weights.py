@@ -77,7 +77,7 @@ def _opened(path: Path):
         raise AmpruneError(f"cannot read {path} (truncated or not safetensors): {' '.join(str(err).split())}") from None
 
 
-def _empty_model(config) -> nn.Module:
+def empty_model(config) -> nn.Module:
     """The model of `config` with every parameter on the meta device; buffers (rotary tables) are real."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
@@ -144,12 +144,14 @@ class Checkpoint:
     `compute_dtype(dtype)` on `device`.
     """
 
+    reloads = True  # every pass reads the layers afresh: a pass may prune them in place
+
     def __init__(self, folder: str | Path, config, device: torch.device, dtype: torch.dtype | None = None):
         self.folder = Path(folder)
         self.config = config
         self.family: Family = get_family(config.model_type)
         self.files = _shard_files(self.folder)
-        self.model = _empty_model(config)
+        self.model = empty_model(config)
         self.names = _name_map(self.model, list(self.files))
         self.prefix = self.family.layers + "."
         tied = {id(p) for p in self.model.parameters()}  # named_parameters() skips tied duplicates
@@ -220,6 +222,8 @@ class Checkpoint:
 
 class InMemory:
     """A model loaded whole, served through the same calls as `Checkpoint` (nothing is read or freed)."""
+
+    reloads = False  # a pass that prunes in place changes the model for every later pass
 
     def __init__(self, model: nn.Module):
         self.model = model.eval()

@@ -55,7 +55,7 @@ def test_eval_writes_json_and_markdown(tmp_path, text_file, capsys):
 def test_prune_eval_prints_dense_vs_pruned(tmp_path, text_file, calib_text, capsys):
     folder = save_tiny(tmp_path / "dense", "llama_gqa")
     out = tmp_path / "pruned"
-    code, stdout, err = run(["prune", "--model", folder, "--ratio", "0.3", "--calib", calib_text, "--samples", "4",
+    code, stdout, err = run(["prune", "--recipe", "paper", "--model", folder, "--ratio", "0.3", "--calib", calib_text, "--samples", "4",
                              "--seq-len", "32", "--out", str(out), "--eval", "piqa,wiki", "--eval-limit", "3"], capsys)
     assert code == 0, err
     both = json.loads((out / "amprune_eval.json").read_text())
@@ -72,7 +72,7 @@ def test_prune_eval_prints_dense_vs_pruned(tmp_path, text_file, calib_text, caps
 
 def test_prune_eval_limit_needs_eval(tmp_path, calib_text, capsys):
     folder = save_tiny(tmp_path / "dense", "llama_gqa")
-    code, _, err = run(["prune", "--model", folder, "--ratio", "0.3", "--out", str(tmp_path / "p"),
+    code, _, err = run(["prune", "--recipe", "paper", "--model", folder, "--ratio", "0.3", "--out", str(tmp_path / "p"),
                         "--eval-limit", "3"], capsys)
     assert code == 2 and err == "amprune: error: --eval-limit needs --eval\n"
 
