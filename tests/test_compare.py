@@ -140,7 +140,8 @@ def test_runs_equal_prune_of_the_same_scorer_and_ratio(tmp_path, calib_text):
     run_compare(request, fake_evaluate())
     for scorer in ("amp", "wanda_sp"):
         for ratio in (0.2, 0.5):
-            alone = prune(PruneRequest(recipe="paper", out=str(tmp_path / f"{scorer}{ratio}"), model=request.model, ratio=ratio,
+            alone = prune(PruneRequest(recipe="paper",
+                                       out=str(tmp_path / f"{scorer}{ratio}"), model=request.model, ratio=ratio,
                                        scorer=scorer, correction="refit", calib=calib_text, samples=4, seq_len=32,
                                        batch_size=2, progress=False))
             got, want = tensors(tmp_path / "cmp" / "runs" / f"{scorer}@{ratio:g}"), tensors(alone.out)

@@ -52,7 +52,8 @@ def test_prune_with_compensation_saves_a_stock_checkpoint(tmp_path, calib_text):
     folder = save_tiny(tmp_path / "tiny", "llama_gqa")
     request = dict(model=folder, ratio=0.3, scorer="flap", calib=calib_text, samples=4, seq_len=32, progress=False)
     plain = prune(PruneRequest(recipe="paper", out=None, **request))
-    result = prune(PruneRequest(recipe="paper", out=str(tmp_path / "out"), correction="bias", keep_model=True, **request))  # + reload
+    result = prune(PruneRequest(recipe="paper",
+                                out=str(tmp_path / "out"), correction="bias", keep_model=True, **request))  # + reload
     assert [lp.neurons_kept for lp in result.plan.layers] == [lp.neurons_kept for lp in plain.plan.layers]
     layer = result.model.model.layers[0]
     assert layer.self_attn.q_proj.bias.abs().sum() == 0 and layer.mlp.up_proj.bias.abs().sum() == 0
@@ -76,7 +77,8 @@ def test_prune_with_compensation_saves_a_stock_checkpoint(tmp_path, calib_text):
 def test_compensation_and_reconstruction_refused_together(tmp_path, capsys):
     folder = save_tiny(tmp_path / "tiny", "llama_gqa")
     capsys.readouterr()
-    code = main(["prune", "--recipe", "paper", "--model", folder, "--ratio", "0.3", "--bias-compensation", "--reconstruct",
+    code = main(["prune", "--recipe", "paper",
+                 "--model", folder, "--ratio", "0.3", "--bias-compensation", "--reconstruct",
                  "--out", str(tmp_path / "out")])
     assert code == 2
     assert capsys.readouterr().err == (

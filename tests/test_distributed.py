@@ -28,10 +28,12 @@ def test_two_ranks_write_what_one_process_writes(correction, scorer, tmp_path, c
     folder = save_tiny(tmp_path / "dense", "llama_gqa")
     flags = ["--model", folder, "--calib", calib_text, "--correction", correction, "--scorer", scorer, *COMMON]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", _free_port()]
-    done = subprocess.run([*torchrun, "-m", "amprune", "--quiet", "prune", "--recipe", "paper", *flags, "--out", str(tmp_path / "two")],
+    done = subprocess.run([*torchrun, "-m", "amprune", "--quiet", "prune", "--recipe", "paper",
+                           *flags, "--out", str(tmp_path / "two")],
                           capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stderr[-3000:]
-    one = prune(PruneRequest(recipe="paper", out=str(tmp_path / "one"), model=folder, ratio=0.3, correction=correction, scorer=scorer,
+    one = prune(PruneRequest(recipe="paper",
+                             out=str(tmp_path / "one"), model=folder, ratio=0.3, correction=correction, scorer=scorer,
                              calib=calib_text, samples=4, seq_len=32, batch_size=1, progress=False))
     assert_same_checkpoint(tmp_path / "two", one.out)
     assert json.loads((tmp_path / "two" / "amprune_plan.json").read_text())["settings"]["world_size"] == 2
@@ -42,7 +44,8 @@ def test_ranks_that_disagree_stop_before_any_work_with_one_line(tmp_path, calib_
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=_free_port(), WORLD_SIZE="2", OMP_NUM_THREADS="1")
     ranks = []
     for rank, seed in ((0, "0"), (1, "1")):
-        command = [sys.executable, "-m", "amprune", "prune", "--recipe", "paper", "--model", folder, "--calib", calib_text, *COMMON,
+        command = [sys.executable, "-m", "amprune", "prune", "--recipe", "paper",
+                   "--model", folder, "--calib", calib_text, *COMMON,
                    "--seed", seed, "--out", str(tmp_path / "out")]
         ranks.append(subprocess.Popen(command, env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))

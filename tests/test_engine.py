@@ -75,7 +75,8 @@ def test_lazy_weights_give_the_same_checkpoint_as_the_whole_model(case, gqa_mode
 
 def test_taylor_runs_on_the_whole_model_and_says_so(tmp_path, calib_text, caplog):
     folder = save_tiny(tmp_path / "dense", "llama_gqa")
-    result = prune(PruneRequest(recipe="paper", out=str(tmp_path / "out"), model=folder, ratio=0.3, scorer="taylor", calib=calib_text,
+    result = prune(PruneRequest(recipe="paper",
+                                out=str(tmp_path / "out"), model=folder, ratio=0.3, scorer="taylor", calib=calib_text,
                                 **CALIB))
     assert "gradients" in result.seconds and result.plan.settings["method"] == "taylor"
     reloaded = AutoModelForCausalLM.from_pretrained(result.out)
@@ -88,14 +89,16 @@ def test_taylor_that_cannot_fit_is_refused_before_loading(tmp_path, calib_text, 
     monkeypatch.setattr(pipeline, "open_weights", lambda *a, **k: pytest.fail("the weights were opened"))
     with pytest.raises(pipeline.AmpruneError, match=r"^--scorer taylor needs the whole model's gradients in memory "
                        r"\(about 0\.0 GiB, 0\.0 GiB available\); use a forward-only scorer such as amp$"):
-        prune(PruneRequest(recipe="paper", out=str(tmp_path / "out"), model=folder, ratio=0.3, scorer="taylor", calib=calib_text,
+        prune(PruneRequest(recipe="paper",
+                           out=str(tmp_path / "out"), model=folder, ratio=0.3, scorer="taylor", calib=calib_text,
                            **CALIB))
 
 
 def test_plain_amp_slices_exactly_as_the_plan_says(tmp_path, calib_text):
     """The engine's plain surgery is `apply_plan` of its own plan on the dense model."""
     folder = save_tiny(tmp_path / "dense", "llama_gqa")
-    result = prune(PruneRequest(recipe="paper", out=str(tmp_path / "out"), model=folder, ratio=0.3, calib=calib_text, **CALIB))
+    result = prune(PruneRequest(recipe="paper",
+                                out=str(tmp_path / "out"), model=folder, ratio=0.3, calib=calib_text, **CALIB))
     dense = AutoModelForCausalLM.from_pretrained(folder)
     family, _ = family_and_dims(dense)
     apply_plan(dense, family, result.plan)
@@ -148,8 +151,10 @@ def test_bfloat16_prunes_in_its_dtype_and_chooses_what_float32_chooses(correctio
         model.to(dtype).save_pretrained(tmp_path / str(dtype))
         char_tokenizer().save_pretrained(tmp_path / str(dtype))
     request = dict(ratio=0.3, correction=correction, calib=calib_text, **CALIB)
-    full = prune(PruneRequest(recipe="paper", out=str(tmp_path / "f32"), model=str(tmp_path / str(torch.float32)), **request))
-    half = prune(PruneRequest(recipe="paper", out=str(tmp_path / "bf16"), model=str(tmp_path / str(torch.bfloat16)), **request))
+    full = prune(PruneRequest(recipe="paper",
+                              out=str(tmp_path / "f32"), model=str(tmp_path / str(torch.float32)), **request))
+    half = prune(PruneRequest(recipe="paper",
+                              out=str(tmp_path / "bf16"), model=str(tmp_path / str(torch.bfloat16)), **request))
     assert [layer.heads_kept for layer in half.plan.layers] == [layer.heads_kept for layer in full.plan.layers]
     assert [layer.neurons_kept for layer in half.plan.layers] == [layer.neurons_kept for layer in full.plan.layers]
     assert half.plan.settings["dtype"] == "bfloat16" and half.memory["compute_dtype"] in ("bfloat16", "float32")

@@ -113,7 +113,8 @@ def test_pruned_by_amprune_then_exported(tmp_path, calib_text, smollm2_tokenizer
     random_model(config).save_pretrained(tmp_path / "dense")
     smollm2_tokenizer.save_pretrained(tmp_path / "dense")
     pruned = tmp_path / "pruned"
-    assert main(["--quiet", "prune", "--recipe", "paper", "--model", str(tmp_path / "dense"), "--head-ratio", "0.25", "--mlp-ratio", "0.25",
+    assert main(["--quiet", "prune", "--recipe", "paper", "--model", str(tmp_path / "dense"), "--head-ratio", "0.25",
+                 "--mlp-ratio", "0.25",
                  "--calib", calib_text, "--samples", "4", "--seq-len", "32", "--out", str(pruned)]) == 0
     config = json.loads((pruned / "config.json").read_text())
     assert (config["model_type"], config["num_attention_heads"], config["head_dim"]) == ("mistral", 3, 16)

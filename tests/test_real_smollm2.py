@@ -15,7 +15,8 @@ pytestmark = pytest.mark.real
 
 def test_prune_smollm2_30_percent_and_reload(tmp_path, capsys):
     out = tmp_path / "smol30"
-    code = main(["--quiet", "prune", "--recipe", "paper", "--ratio", "0.3", "--samples", "4", "--seq-len", "64", "--out", str(out)])
+    code = main(["--quiet", "prune", "--recipe", "paper",
+                 "--ratio", "0.3", "--samples", "4", "--seq-len", "64", "--out", str(out)])
     printed = capsys.readouterr()
     assert code == 0, printed.err
     plan = json.loads((out / "amprune_plan.json").read_text())

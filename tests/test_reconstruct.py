@@ -352,7 +352,8 @@ def test_prune_one_pass_saves_a_stock_checkpoint_and_its_first_heads_match_the_d
 
 def test_one_pass_bad_inputs(tmp_path, calib_text, capsys):
     common = dict(out=None, model=save_tiny(tmp_path / "dense", "llama_gqa"), ratio=0.2, calib=calib_text)
-    args = ["--quiet", "prune", "--recipe", "paper", "--model", common["model"], "--ratio", "0.2", "--out", str(tmp_path / "o")]
+    args = ["--quiet", "prune", "--recipe", "paper",
+            "--model", common["model"], "--ratio", "0.2", "--out", str(tmp_path / "o")]
     assert main([*args, "--one-pass"]) == 2  # the deprecated flag alone meant nothing
     assert "--one-pass cannot be combined that way; use --correction {none,bias,refit,refit-one-pass}" in (
         capsys.readouterr().err)
@@ -427,7 +428,8 @@ def test_one_pass_obs_removes_the_heads_the_refit_misses_least(case):
 
 def test_prune_one_pass_obs_saves_a_stock_checkpoint(tmp_path, calib_text):
     folder = save_tiny(tmp_path / "dense", "llama_gqa")
-    result = prune(PruneRequest(recipe="paper", out=str(tmp_path / "pruned"), model=folder, ratio=0.3, calib=calib_text, samples=4,
+    result = prune(PruneRequest(recipe="paper",
+                                out=str(tmp_path / "pruned"), model=folder, ratio=0.3, calib=calib_text, samples=4,
                                 seq_len=32, progress=False, correction="refit-one-pass", scorer="obs", keep_model=True))
     saved = Plan.load(tmp_path / "pruned")
     assert saved.settings["method"] == "obs" and saved.layers == result.plan.layers

@@ -257,4 +257,5 @@ def test_unknown_scorer_fails_before_loading(tmp_path):
         prune(PruneRequest(recipe="paper", out=None, model=folder, ratio=0.3, scorer="nope", calib="no-such-file.txt"))
     with pytest.raises(AmpruneError, match=r"^the obs scorer ranks units by .* it runs only with --correction "
                        r"refit-one-pass$"):
-        prune(PruneRequest(recipe="paper", out=None, model=folder, ratio=0.3, scorer="obs", correction="refit", calib="no-such.txt"))
+        prune(PruneRequest(recipe="paper",
+                           out=None, model=folder, ratio=0.3, scorer="obs", correction="refit", calib="no-such.txt"))

@@ -55,7 +55,8 @@ def test_eval_writes_json_and_markdown(tmp_path, text_file, capsys):
 def test_prune_eval_prints_dense_vs_pruned(tmp_path, text_file, calib_text, capsys):
     folder = save_tiny(tmp_path / "dense", "llama_gqa")
     out = tmp_path / "pruned"
-    code, stdout, err = run(["prune", "--recipe", "paper", "--model", folder, "--ratio", "0.3", "--calib", calib_text, "--samples", "4",
+    code, stdout, err = run(["prune", "--recipe", "paper",
+                             "--model", folder, "--ratio", "0.3", "--calib", calib_text, "--samples", "4",
                              "--seq-len", "32", "--out", str(out), "--eval", "piqa,wiki", "--eval-limit", "3"], capsys)
     assert code == 0, err
     both = json.loads((out / "amprune_eval.json").read_text())

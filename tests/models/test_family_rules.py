@@ -25,7 +25,8 @@ LONGROPE = dict(rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_prune_thirty_percent_end_to_end_and_reload(case, tmp_path, calib_text):
     folder = save_tiny(tmp_path / "dense", case)
-    result = prune(PruneRequest(recipe="paper", out=str(tmp_path / "out"), model=folder, ratio=0.3, calib=calib_text, **CALIB))
+    result = prune(PruneRequest(recipe="paper",
+                                out=str(tmp_path / "out"), model=folder, ratio=0.3, calib=calib_text, **CALIB))
     budget, after = result.plan.budget, result.plan.dims_after
     assert abs(budget.achieved_fraction - 0.3) < 0.05
     assert budget.heads_removed > 0 and budget.neurons_removed > 0
@@ -46,7 +47,8 @@ def test_phi3_longrope_head_pruning_is_refused_before_loading(tmp_path, calib_te
     )
     for request in (dict(ratio=0.3), dict(head_ratio=0.34, mlp_ratio=0.2)):
         with pytest.raises(AmpruneError) as err:
-            prune(PruneRequest(recipe="paper", out=str(tmp_path / "out"), model=folder, calib=calib_text, **request, **CALIB))
+            prune(PruneRequest(recipe="paper",
+                               out=str(tmp_path / "out"), model=folder, calib=calib_text, **request, **CALIB))
         assert str(err.value) == message
 
 
@@ -56,7 +58,8 @@ def test_phi3_longrope_rule_is_real_and_mlp_only_pruning_works(tmp_path, calib_t
     with pytest.raises(StrictDataclassClassValidationError, match="short_factor field must have length 6, got 4"):
         AutoConfig.for_model(**fields)  # what a head-pruned checkpoint's config would do on load
     folder = save_tiny(tmp_path / "dense", "phi3_gqa", **LONGROPE)
-    result = prune(PruneRequest(recipe="paper", out=str(tmp_path / "out"), model=folder, mlp_ratio=0.25, calib=calib_text, **CALIB))
+    result = prune(PruneRequest(recipe="paper",
+                                out=str(tmp_path / "out"), model=folder, mlp_ratio=0.25, calib=calib_text, **CALIB))
     cfg = AutoConfig.from_pretrained(result.out)
     assert (cfg.num_attention_heads, cfg.intermediate_size) == (6, 30)
     assert cfg.rope_parameters["short_factor"] == [1.0, 1.1, 1.2, 1.3]
@@ -66,7 +69,8 @@ def test_phi_qk_layernorm_head_pruning_is_refused(tmp_path, calib_text):
     folder = save_tiny(tmp_path / "dense", "phi", qk_layernorm=True)
     with pytest.raises(AmpruneError, match=r"^cannot prune the attention heads of this 'phi' model: its q/k "
                        r"LayerNorms are built with hidden_size // num_attention_heads channels, .*--mlp-ratio$"):
-        prune(PruneRequest(recipe="paper", out=str(tmp_path / "out"), model=folder, head_ratio=0.25, calib=calib_text, **CALIB))
+        prune(PruneRequest(recipe="paper",
+                           out=str(tmp_path / "out"), model=folder, head_ratio=0.25, calib=calib_text, **CALIB))
 
 
 def test_gemma_head_count_refused_by_its_config_is_steered_not_saved(tmp_path, calib_text):
@@ -85,7 +89,8 @@ def test_gemma_head_count_refused_by_its_config_is_steered_not_saved(tmp_path, c
         "(the plan closest to --ratio 0.2)"
     ]
 
-    result = prune(PruneRequest(recipe="paper", out=str(tmp_path / "out"), model=save_tiny(tmp_path / "dense", "gemma3_mqa"),
+    result = prune(PruneRequest(recipe="paper",
+                                out=str(tmp_path / "out"), model=save_tiny(tmp_path / "dense", "gemma3_mqa"),
                                 ratio=0.2, calib=calib_text, **CALIB))
     assert result.plan.budget == steered
     assert AutoConfig.from_pretrained(result.out).num_attention_heads == 2
@@ -102,7 +107,8 @@ def test_gemma_head_count_refused_by_its_config_is_steered_not_saved(tmp_path, c
 def test_gemma_group_mode_is_refused_for_its_single_kv_head(case, tmp_path, calib_text):
     folder = save_tiny(tmp_path / "dense", case)
     with pytest.raises(AmpruneError, match=r"^--gqa-mode group cannot prune heads of a model with a single KV head"):
-        prune(PruneRequest(recipe="paper", out=None, model=folder, ratio=0.3, gqa_mode="group", calib=calib_text, **CALIB))
+        prune(PruneRequest(recipe="paper",
+                           out=None, model=folder, ratio=0.3, gqa_mode="group", calib=calib_text, **CALIB))
 
 
 def test_every_new_family_is_listed_in_help():

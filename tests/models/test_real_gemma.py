@@ -15,7 +15,8 @@ pytestmark = pytest.mark.real
 
 def test_prune_gemma3_270m_30_percent_and_reload(tmp_path, capsys):
     out = tmp_path / "gemma30"
-    code = main(["--quiet", "prune", "--recipe", "paper", "--model", "gemma3-270m", "--ratio", "0.3", "--samples", "4", "--seq-len", "64",
+    code = main(["--quiet", "prune", "--recipe", "paper",
+                 "--model", "gemma3-270m", "--ratio", "0.3", "--samples", "4", "--seq-len", "64",
                  "--out", str(out)])
     printed = capsys.readouterr()
     assert code == 0, printed.err
