@@ -46,11 +46,12 @@ $(LLAMACPP_EXTRACTED): | $(STAMP)
 
 llamacpp: $(LLAMACPP_BUILT)
 
-# CPU build, tuned for this machine (GGML_NATIVE); no server, web UI, tests or network features.
+# CPU build, tuned for this machine (GGML_NATIVE); no server, web UI, tests or network features. The git
+# ceiling keeps llama.cpp's build info from reading amprune's own repository.
 $(LLAMACPP_BUILT): $(LLAMACPP_EXTRACTED)
-	cmake -S $(LLAMACPP_SRC) -B $(LLAMACPP)/build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
-		-DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
-		-DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF
+	GIT_CEILING_DIRECTORIES=$(abspath $(LLAMACPP)) cmake -S $(LLAMACPP_SRC) -B $(LLAMACPP)/build \
+		-DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF \
+		-DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF
 	cmake --build $(LLAMACPP)/build -j2 --target $(LLAMACPP_TOOLS)
 	mkdir -p $(LLAMACPP)/bin
 	cp $(addprefix $(LLAMACPP)/build/bin/,$(LLAMACPP_TOOLS)) $(LLAMACPP)/bin/
