@@ -156,13 +156,14 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> str:
     return f"max diff {d.max().item():.3g}, mean diff {d.mean().item():.3g}"
 
 
-def random_plan(dims: Dims, mode: str, heads_removed: int, neurons_kept: int, seed: int) -> Plan:
+def random_plan(dims: Dims, mode: str, heads_removed: int, neurons_kept: int, seed: int,
+                dropped: tuple[int, ...] = ()) -> Plan:
     """A uniform plan with random keep sets: `heads_removed` query heads per group (query mode) or
-    KV groups (group mode) go in every layer, `neurons_kept` neurons stay."""
+    KV groups (group mode) go in every layer, `neurons_kept` neurons stay; the layers `dropped` go whole."""
     gen = torch.Generator().manual_seed(seed)
     gs = dims.group_size
     layers = []
-    for _ in range(dims.num_layers):
+    for _ in range(dims.num_layers - len(dropped)):
         if mode == "group":
             kv = sorted(torch.randperm(dims.num_kv_heads, generator=gen)[heads_removed:].tolist())
             heads = [g * gs + j for g in kv for j in range(gs)]
@@ -173,12 +174,14 @@ def random_plan(dims: Dims, mode: str, heads_removed: int, neurons_kept: int, se
         layers.append(LayerPlan(heads, kv, neurons, [0.0] * dims.num_heads, [0.0] * dims.intermediate_size))
     removed_heads = dims.num_heads - len(layers[0].heads_kept)
     removed_kv = dims.num_kv_heads - len(layers[0].kv_heads_kept)
-    budget = Budget(mode, removed_heads, removed_kv, dims.intermediate_size - neurons_kept, 1, 1, None)
+    budget = Budget(mode, removed_heads, removed_kv, dims.intermediate_size - neurons_kept, 1, 1, None,
+                    layers_dropped=dropped)
     return Plan(dims, budget, layers)
 
 
 def random_plans(dims: Dims, seed: int = 0) -> list[Plan]:
-    """Random uniform plans in every mode the model allows, including keeping a single unit."""
+    """Random uniform plans in every mode the model allows, including keeping a single unit and dropping
+    the first layer whole."""
     out = []
     if dims.num_kv_heads > 1:  # whole KV groups (plain MHA: whole heads)
         out += [random_plan(dims, "group", 1, dims.intermediate_size // 2, seed),
@@ -186,6 +189,8 @@ def random_plans(dims: Dims, seed: int = 0) -> list[Plan]:
     if dims.group_size > 1:  # query heads inside every group (MQA: the only choice)
         out += [random_plan(dims, "query", 1, dims.intermediate_size - 3, seed + 2),
                 random_plan(dims, "query", dims.group_size - 1, 1, seed + 3)]
+    mode = "group" if dims.num_kv_heads > 1 else "query"
+    out.append(random_plan(dims, mode, 0, dims.intermediate_size - 5, seed + 4, dropped=(0,)))
     return out
 
 
@@ -196,14 +201,14 @@ def plan_cases() -> list[tuple[str, int]]:
 
 
 def assert_params_removed(dense, sliced, plan: Plan, family) -> None:
-    """The sliced model lost exactly the parameters of the dropped units, counted per unit."""
+    """The sliced model lost exactly the parameters of the dropped units and layers, counted per unit."""
     dims, after = plan.dims, plan.dims_after
     units = unit_params(family, family.decoder_layers(dense)[0], dims)
-    removed = dims.num_layers * (
+    removed = after.num_layers * (
         (dims.num_heads - after.num_heads) * units.head
         + (dims.num_kv_heads - after.num_kv_heads) * units.kv_head
         + (dims.intermediate_size - after.intermediate_size) * units.neuron
-    )
+    ) + len(plan.budget.layers_dropped) * units.layer
     assert sum(p.numel() for p in sliced.parameters()) == sum(p.numel() for p in dense.parameters()) - removed
 
 

@@ -16,7 +16,7 @@ from amprune import checkpoint
 from amprune.checkpoint import CheckpointWriter, check_output_dir, save_model, verify_reload
 from amprune.errors import AmpruneError
 from amprune.plan import Plan
-from amprune.surgery import apply_plan
+from amprune.surgery import apply_plan, mask_plan
 
 
 def pruned(case: str, plan_index: int = 0):
@@ -177,3 +177,27 @@ def test_a_model_too_large_for_memory_is_checked_with_disk_offload(tmp_path, mon
         assert verify_reload(out, ids, expected, torch.float32, torch.device("cpu"), budget=30_000) == 0.0
     assert "offloaded to the disk" in caplog.text  # accelerate's device map kept most weights on disk
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the offload folder is gone
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_dropped_layer_reloads_stock_and_every_per_layer_setting_follows(case, tmp_path):
+    """Dropping the first layer: the config keeps one layer and the remaining layer's entry of every per-layer
+    list (Gemma's sliding/full `layer_types`), and stock transformers computes what the masked model does."""
+    model = tiny_model(case)
+    family, dims = family_and_dims(model)
+    plan = random_plans(dims, seed=4)[-1]
+    assert plan.budget.layers_dropped == (0,)
+    masked = copy.deepcopy(model)
+    mask_plan(masked, family, plan)
+    apply_plan(model, family, plan)
+    out = save_model(model, char_tokenizer(), plan, family, tmp_path / "out", overwrite=False)
+    reloaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
+    saved = family.sizes_config(AutoConfig.from_pretrained(out))
+    dense = family.sizes_config(tiny_model(case).config)
+    assert saved.num_hidden_layers == 1 == len(family.decoder_layers(reloaded))
+    if hasattr(dense, "layer_types"):
+        assert saved.layer_types == dense.layer_types[1:]
+    ids = torch.randint(4, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, masked(ids).logits, atol=1e-5, rtol=0)

@@ -16,6 +16,7 @@ from helpers import (
     char_tokenizer,
     family_and_dims,
     random_plan,
+    random_plans,
     random_samples,
     run_engine,
     save_tiny,
@@ -193,3 +194,29 @@ def test_given_keep_lists_are_applied_and_refitted():
     assert result.layers == plan.layers
     assert all(errors["o_proj"]["refit"] <= errors["o_proj"]["surgery"] for errors in result.errors)
     assert model.config.intermediate_size == 30 and dense.config.intermediate_size == 40
+
+
+@pytest.mark.parametrize("case", ["llama_gqa", "phi", "gemma3_mqa"])
+@pytest.mark.parametrize("correction", ["none", "refit"])
+def test_a_dropped_layer_passes_the_stream_by(case, correction):
+    """A run dropping layer 0 keeps layer 1, fed the embeddings directly: without re-fit the result is the
+    plan's plain surgery; with re-fit, layer 1's o_proj is fitted on that stream (its error is reported)."""
+    model = tiny_model(case)
+    family, dims = family_and_dims(model)
+    plan = random_plans(dims, seed=4)[-1]
+    plain = copy.deepcopy(model)
+    apply_plan(plain, family, plan)
+    (result,) = run_engine(model, random_samples([20, 20]), [Run("amp", plan.budget, correction, given=plan.layers)],
+                           keep_layers=True)
+    assert len(family.decoder_layers(model)) == 1 and family.sizes_config(model.config).num_hidden_layers == 1
+    got, want = dict(model.named_parameters()), dict(plain.named_parameters())
+    assert {n: p.shape for n, p in got.items()} == {n: p.shape for n, p in want.items()}
+    refitted = {n for n in got if not torch.equal(got[n], want[n])}
+    if correction == "none":
+        assert refitted == set() and result.errors == []
+    else:
+        assert refitted and all(family.o in n or family.down in n for n in refitted)
+        assert [e["layer"] for e in result.errors] == [1]
+    ids = torch.randint(4, 100, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)  # the KV cache follows the renumbering

@@ -24,7 +24,7 @@ import torch
 
 from .errors import AmpruneError
 from .models.base import Dims
-from .plan import Budget, UnitParams, _removal_options, _round_half_up
+from .plan import Budget, UnitParams, _removal_options, _round_half_up, effective_mode
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def allocations(dims: Dims, units: UnitParams, total_params: int, gqa_mode: str,
     alone remove more than the ratio are not candidates.
     """
     target = ratio * total_params
-    options = _removal_options(dims, gqa_mode) if prune_heads else [(0, 0)]
+    options = _removal_options(dims, effective_mode(dims, gqa_mode)) if prune_heads else [(0, 0)]
     if accepted_heads is not None:
         options = [o for o in options if dims.num_heads - o[0] in accepted_heads]
     found = []
@@ -102,7 +102,7 @@ class AngularDistance:
         self.tokens = torch.zeros(num_layers, dtype=torch.float64)
 
     def __call__(self, index: int, x_in: torch.Tensor, x_out: torch.Tensor, mask: torch.Tensor) -> None:
-        cos = torch.nn.functional.cosine_similarity(x_in.float(), x_out.float(), dim=-1)  # (B, T)
+        cos = torch.nn.functional.cosine_similarity(x_in.double(), x_out.double(), dim=-1)  # (B, T)
         angles = torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi
         real = mask.to(angles.device).bool()
         self.sums[index] += angles[real].double().sum().cpu()

@@ -240,8 +240,10 @@ class LayerEngine:
         probe = probe if probe.dim() == 2 else probe[None]
         self.calib, self.probe_ids = calib, distributed.my_share(probe) if settings.probe_loss else probe
         for run in runs:
-            if run.given is not None and (run.correction == "refit-one-pass" or len(run.given) != self.dims.num_layers):
-                raise ValueError("a given plan needs a LayerPlan per layer and cannot be chosen on the pruned stream")
+            kept = self.dims.num_layers - len(run.budget.layers_dropped)
+            if run.given is not None and (run.correction == "refit-one-pass" or len(run.given) != kept):
+                raise ValueError("a given plan needs a LayerPlan per kept layer and cannot be chosen on the pruned "
+                                 "stream")
         scored = [run for run in runs if run.correction != "refit-one-pass" and run.given is None]
         self.dense_scorers = sorted({run.scorer for run in scored})
         self.dense_needed = settings.observe is not None or any(
@@ -363,7 +365,7 @@ class LayerEngine:
                                                chooser.new_stats(layer_device(layer)))
         else:
             if run.given is not None:
-                keep = run.given[index]
+                keep = run.given[len(state.result.layers)]
             else:
                 heads, neurons = scores[run.scorer]
                 keep = select_units(heads[None], neurons[None], dims, run.budget)[0]

@@ -71,6 +71,12 @@ class Budget:
                        intermediate_size=dims.intermediate_size - self.neurons_removed)
 
 
+def effective_mode(dims: Dims, gqa_mode: str) -> str:
+    """The GQA mode that applies: plain multi-head attention has every head its own KV group, so removing
+    a query head removes its k/v rows too and both modes mean `group`."""
+    return "group" if dims.group_size == 1 else gqa_mode
+
+
 def head_removal(dims: Dims, gqa_mode: str, fraction: float) -> tuple[int, int]:
     """(query heads, KV heads) removed per layer for a head fraction under a GQA mode."""
     if gqa_mode == "query":
@@ -137,10 +143,7 @@ def make_budget(
     notes: list[str] = []
     if gqa_mode not in GQA_MODES:
         raise AmpruneError(f"unknown --gqa-mode '{gqa_mode}'; choose one of: {', '.join(GQA_MODES)}")
-    if dims.group_size == 1:
-        # Plain multi-head attention: every head is its own KV group, so removing a query head removes
-        # its k/v rows too; both modes mean the same thing.
-        gqa_mode = "group"
+    gqa_mode = effective_mode(dims, gqa_mode)
     check_ratios(ratio, head_ratio, mlp_ratio)
     if gqa_mode == "group" and dims.num_kv_heads == 1 and (ratio or head_ratio):
         raise AmpruneError(

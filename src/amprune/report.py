@@ -22,16 +22,19 @@ def table(rows: list[tuple[str, ...]]) -> str:
 
 
 def plan_summary(plan: Plan) -> str:
-    """Parameters before → after with target and achieved fractions, and the per-layer unit counts."""
+    """Parameters before → after with target and achieved fractions, the per-layer unit counts, the recipe
+    and, after an allocation search, its choice and the runner-up."""
     b, before, after = plan.budget, plan.dims, plan.dims_after
     target = f"target {b.target_fraction:.1%}" if b.target_fraction is not None else "per-layer ratios"
+    dropped = f"  (dropped: {', '.join(map(str, b.layers_dropped))})" if b.layers_dropped else (
+        "  (same sizes in every layer)")
     rows = [
         ("", "before", "after"),
         ("parameters", f"{b.params_before:,}", f"{b.params_after:,}  (−{b.achieved_fraction:.2%}; {target})"),
         ("attention heads / layer", f"{before.num_heads}", f"{after.num_heads}"),
         ("KV heads / layer", f"{before.num_kv_heads}", f"{after.num_kv_heads}  (--gqa-mode {b.gqa_mode})"),
         ("MLP neurons / layer", f"{before.intermediate_size}", f"{after.intermediate_size}"),
-        ("decoder layers", f"{before.num_layers}", f"{after.num_layers}  (same sizes in every layer)"),
+        ("decoder layers", f"{before.num_layers}", f"{after.num_layers}{dropped}"),
     ]
     settings = plan.settings
     lines = [table(rows)]
@@ -40,13 +43,26 @@ def plan_summary(plan: Plan) -> str:
             f"note: {after.intermediate_size} neurons per layer is not a multiple of 8, a matmul width that runs "
             "markedly slower per neuron (README: --round-to); --round-to 8 keeps a multiple of 8"
         )
+    search = settings.get("allocation")
+    if isinstance(search, dict):
+        ranked = sorted((c for c in search["candidates"] if c["loss"] is not None), key=lambda c: c["loss"])
+        chosen = search["candidates"][search["chosen"]]
+        lines.append(f"allocation: {chosen['allocation']} (held-out NLL {chosen['loss']:.3f}), best of "
+                     f"{len(search['candidates'])} candidates")
+        if len(ranked) > 1:
+            lines.append(f"runner-up:  {ranked[1]['allocation']} (held-out NLL {ranked[1]['loss']:.3f})")
+    if settings.get("recipe"):
+        lines.append(f"recipe {settings['recipe']}: scorer {settings.get('method')}, correction "
+                     f"{settings.get('correction')}, allocation {'search' if isinstance(search, dict) else search}, "
+                     f"--round-to {settings.get('round_to')}")
     if settings:
         lines.append(
             f"model {settings.get('model')} ({settings.get('model_type')}"
             + (f", saved as {settings['saved_as']}" if settings.get("saved_as") else "")
             + f"); calibration {settings.get('calibration')}: {settings.get('samples')} samples × "
-            f"≤{settings.get('seq_len')} tokens ({settings.get('calibration_tokens')} tokens), "
-            f"seed {settings.get('seed')}"
+            f"≤{settings.get('seq_len')} tokens ({settings.get('calibration_tokens')} tokens)"
+            + (f" + {settings['heldout_samples']} held out" if settings.get("heldout_samples") else "")
+            + f", seed {settings.get('seed')}"
         )
     return "\n".join(lines)
 

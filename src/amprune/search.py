@@ -26,7 +26,7 @@ from .allocation import Allocation, AngularDistance, allocations, budget, layers
 from .calibration import CalibrationSet
 from .engine import LayerEngine, Run, Settings
 from .errors import AmpruneError
-from .plan import Budget
+from .plan import Budget, effective_mode
 from .recipes import Recipe
 
 logger = logging.getLogger(__name__)
@@ -105,7 +105,8 @@ def search(source, info, calib: CalibrationSet, recipe: Recipe, gqa_mode: str, r
     distances = AngularDistance(dims.num_layers)
     if any(a.layers for a in found):  # 1. which layers change the stream least
         LayerEngine(source, heldout, _heldout_batch(calib), [], replace(settings, observe=distances)).run()
-    ranked = [Candidate(a, budget(a, gqa_mode, info.total_params, ratio,
+    mode = effective_mode(dims, gqa_mode)
+    ranked = [Candidate(a, budget(a, mode, info.total_params, ratio,
                                   layers_to_drop(distances.distances(), a.layers))) for a in found]
     # 2. every candidate pruned with the recipe on a slice, its held-out NLL measured on the way
     slice_ = replace(calib, samples=calib.samples[: recipe.search_samples], heldout=[])
