@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import CASES, family_and_dims, tiny_model
 
-from amprune.allocation import AngularDistance, allocations, layers_to_drop
+from amprune.allocation import AngularDistance, layers_to_drop
 from amprune.errors import AmpruneError
 from amprune.pipeline import describe_model
 from amprune.recipes import resolve

@@ -10,7 +10,8 @@ from amprune.errors import AmpruneError
 from amprune.pipeline import PruneRequest, prune
 from amprune.recipes import RECIPES, resolve
 
-CALIB_TEXT = " ".join(f"The {w} jumps over {n} lazy dogs near the river bank." for n in range(40) for w in ("fox", "cat"))
+CALIB_TEXT = " ".join(f"The {w} jumps over {n} lazy dogs near the river bank." for n in range(40)
+                      for w in ("fox", "cat"))
 
 # `amprune prune --ratio 0.3` before recipes existed (commit 25d6d0e), on save_tiny(…, "llama_gqa", seed=5),
 # calibrated on CALIB_TEXT with --samples 6 --seq-len 32: every layer's kept heads and neurons, and head scores.

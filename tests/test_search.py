@@ -16,7 +16,8 @@ from amprune.report import plan_summary
 from amprune.search import search
 from amprune.weights import InMemory
 
-LONG_TEXT = " ".join(f"The {w} jumps over {n} lazy dogs near the river bank." for n in range(400) for w in ("fox", "cat"))
+LONG_TEXT = " ".join(f"The {w} jumps over {n} lazy dogs near the river bank." for n in range(400)
+                     for w in ("fox", "cat"))
 
 
 @pytest.mark.parametrize("correction", ["none", "refit-one-pass"])
