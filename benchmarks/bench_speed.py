@@ -4,8 +4,8 @@
    the shapes matter for speed), plus the 30 % query-mode plan with `round_to` 8 and 64 (kept neurons a
    multiple of 8 or 64: 888 and 896 instead of 886), to see what GEMM-friendly widths are worth.
    Existing folders under --work are reused.
-2. `amprune.benchmark.bench`, every model in the same process, alternating per round, the issue's
-   protocol by default (10 warm-up + 20 timed rounds):
+2. `amprune.benchmark.bench`, every model in the same process, alternating per round, the paper
+   protocol (`--protocol paper`: 10 warm-up + 20 timed rounds, never stopping early):
    - *target*: prefill b8 ×128 only, dense vs the four 30 % query/group models (issue 7's target);
    - *protocol*: dense vs the four 20/30 % models; generation 12+128 (batch 1), prefill ×128 at batch
      1, 8 and 32, peak memory.
@@ -137,7 +137,7 @@ def main() -> None:
                         "already under --results")
     parser.add_argument("--warmup", type=int, default=10, help="untimed rounds per workload (default: 10)")
     parser.add_argument("--runs", type=int, default=20, help="timed rounds per workload (default: 20)")
-    parser.add_argument("--prompt-len", type=int, default=128, help="prefill length (default: 128)")
+    parser.add_argument("--prefill-len", type=int, default=128, help="prefill length (default: 128)")
     parser.add_argument("--gemm-rounds", type=int, default=30, help="timed rounds of the widths pass (default: 30)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
@@ -165,8 +165,8 @@ def main() -> None:
             only_prefill_b8 = dict(batch_sizes=[8], new_tokens=0, memory=False) if name == "target" else {}
             result = bench(BenchRequest(
                 models=[folders[m] for m in models[name]], out=str(results / f"{name}.json"),
-                png=str(results / f"{name}.png"), prompt_len=args.prompt_len, warmup=args.warmup, runs=args.runs,
-                threads=args.threads, **only_prefill_b8,
+                png=str(results / f"{name}.png"), protocol="paper", prefill_len=args.prefill_len,
+                warmup=args.warmup, runs=args.runs, threads=args.threads, **only_prefill_b8,
             ))
             show(name, result)
 

@@ -1,22 +1,33 @@
 """`amprune bench`: the speed and memory a model really gains over a baseline, measured side by side.
 
-Protocol (defaults are the paper's latency protocol, from Shortened LLaMA / FlexGen):
+Workloads (the paper's latency protocol, from Shortened LLaMA / FlexGen):
 
 - *generate*: a 12-token prompt, 128 new tokens with EOS suppressed (min_new_tokens = max_new_tokens),
   greedy, batch 1, KV cache on. Its median time is the latency (new tokens / latency: the generation
   throughput). A clock in the logits processors marks the end of the prompt's forward (the first new
   token's logits), so every run also yields its *decode* time: the remaining new tokens, one cached
   forward each; decode throughput = (new tokens − 1) / decode time.
-- *prefill b*: one forward of b prompts of a fixed length (128 tokens) at every batch size (1, 8, 32),
-  keeping only the last token's logits as `generate` does; throughput = b·length / time.
-- Every workload runs `warmup` untimed rounds, then `runs` timed rounds. In each round every model runs
-  once, in turn, so a noisy machine slows them alike; odd rounds run the models in reverse order, so no
-  model always runs first. The speedup is the median over rounds of baseline time / model time (quartiles
-  as spread).
-- `torch.inference_mode`; the device is synchronised before and after every timed call.
-- Peak memory: each model runs every workload once in a fresh process of its own (CUDA: allocator
-  peak; CPU: the process's peak resident memory, interpreter and libraries included).
-- The ideal speedup is the ratio of the workload's FLOPs (formula in `amprune.flops`).
+- *prefill b*: one forward of b prompts of a fixed length (128 tokens) at every batch size, keeping only
+  the last token's logits as `generate` does; throughput = b·length / time.
+
+Rounds: in each round every model runs once, in turn, so a noisy machine slows them alike; odd rounds
+run the models in reverse order, so no model always runs first. The speedup is the median over rounds of
+baseline time / model time (quartiles as spread). The first `warmup` rounds are not timed; the first
+round of every workload runs before any other (the *pilot*), so the progress bar knows what each call
+costs from then on. A protocol (`PROTOCOLS`) sets how many rounds:
+
+- *paper*: batch sizes 1, 8, 32; 10 warm-up and 20 timed rounds per workload, always.
+- *quick* (the default): batch sizes 1, 8; 1 warm-up round, then 5 to 15 timed rounds per workload,
+  stopping once every model's speedup median is known to ±5 %: half the width of the boxplot notch,
+  1.57·IQR/√n (McGill, Tukey & Larsen 1978, about a 95 % interval of the median), at most 5 % of the
+  median. The quartiles of the ratios themselves do not narrow with more rounds (5–10 % on a shared
+  CPU), their median's interval does. On the paper run's rounds (docs/bench) this rule stops after 5–11
+  rounds at a median within 1.2 % (at most 4.7 %) of the 20-round one.
+
+`torch.inference_mode`; the device is synchronised before and after every timed call. Peak memory:
+each model runs every workload once in a fresh process of its own (CUDA: allocator peak; CPU: the
+process's peak resident memory, interpreter and libraries included). The ideal speedup is the ratio of
+the workload's FLOPs (formula in `amprune.flops`).
 """
 
 from __future__ import annotations
@@ -25,13 +36,15 @@ import gc
 import importlib.util
 import json
 import logging
+import math
 import multiprocessing
 import os
 import platform
+import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
@@ -51,45 +64,84 @@ from .versions import package_versions
 
 logger = logging.getLogger(__name__)
 
-BENCH_FORMAT = "amprune-bench/1"
+BENCH_FORMAT = "amprune-bench/2"  # /2: protocol name, min_runs, tolerance, rounds per workload; renamed lengths
 _NOT_PROTOCOL = ("models", "out", "png", "progress")  # request fields that do not change the numbers
+
+# What a protocol sets; a request's explicit values replace these (`BenchRequest.resolved`).
+PROTOCOLS: dict[str, dict] = {
+    "quick": dict(batch_sizes=[1, 8], warmup=1, runs=15, min_runs=5, tolerance=0.05),
+    "paper": dict(batch_sizes=[1, 8, 32], warmup=10, runs=20, min_runs=20, tolerance=0.0),
+}
+NOTCH = 1.57  # median ± 1.57·IQR/√n: the boxplot notch, about a 95 % interval of the median
 
 
 @dataclass
 class BenchRequest:
-    """Everything `amprune bench` is asked to do; the CLI builds one, so can Python callers."""
+    """Everything `amprune bench` is asked to do; the CLI builds one from its flags (same names), so can
+    Python callers. None: the protocol's value (`PROTOCOLS`); `resolved()` fills them in."""
 
     models: list[str]  # the models to measure (folders, .gguf files or hub ids)
     out: str | None = None  # JSON results file; None: return the results only
     png: str | None = None  # bar chart
     baseline: str | None = None  # None: the packaged SmolLM2-135M-Instruct
-    prompt_tokens: int = 12
-    new_tokens: int = 128  # 0: no generation workload
-    prompt_len: int = 128
-    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
-    warmup: int = 10
-    runs: int = 20
+    protocol: str = "quick"  # "quick": a few minutes, stops early; "paper": 10 warm-up + 20 timed rounds
+    gen_prompt: int = 12  # the generation's prompt tokens
+    new_tokens: int = 128  # the generation's new tokens; 0: no generation workload
+    prefill_len: int = 128  # the prefill's prompt tokens
+    batch_sizes: list[int] | None = None  # prefill batch sizes
+    warmup: int | None = None  # untimed rounds per workload
+    runs: int | None = None  # timed rounds per workload: the most (quick stops earlier)
+    min_runs: int | None = None  # the fewest timed rounds before stopping early (default: the protocol's, ≤ runs)
+    tolerance: float | None = None  # stop once every speedup's median interval is within ± this; 0: never early
     memory: bool = True  # measure peak memory (one fresh process per model)
     threads: int | None = None  # torch CPU threads; None: torch's default
     dtype: str | None = None
     device: str | None = None
     progress: bool = True
 
-    def validate(self) -> None:
-        if not self.models or not self.batch_sizes:
-            raise AmpruneError("give at least one model (--model) and one prefill batch size (--batch-sizes)")
-        sizes = [("--prompt-tokens", self.prompt_tokens), ("--prompt-len", self.prompt_len), ("--runs", self.runs)]
-        sizes += [("--batch-sizes", b) for b in self.batch_sizes]
-        sizes += [("--threads", self.threads)] if self.threads is not None else []
-        for flag, value in sizes:
-            if value <= 0:
+    def resolved(self) -> BenchRequest:
+        """This request with every None the protocol sets replaced by the protocol's value."""
+        self._check_protocol()
+        preset = PROTOCOLS[self.protocol]
+        values = {k: v for k, v in preset.items() if k != "min_runs" and getattr(self, k) is None}
+        runs = self.runs if self.runs is not None else preset["runs"]
+        if self.min_runs is None:  # an explicit --runs below the protocol's minimum lowers it
+            values["min_runs"] = min(preset["min_runs"], runs)
+        return replace(self, **{k: list(v) if isinstance(v, list) else v for k, v in values.items()})
+
+    def _check_protocol(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise AmpruneError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
+
+    def check(self) -> None:
+        """Every value and path, before anything is loaded: one-line errors naming the flag."""
+        self._check_protocol()
+        if not self.models:
+            raise AmpruneError("give at least one model (--model)")
+        if self.batch_sizes is not None and not self.batch_sizes:
+            raise AmpruneError("give at least one prefill batch size (--batch-sizes)")
+        positive = [("--gen-prompt", self.gen_prompt), ("--prefill-len", self.prefill_len), ("--runs", self.runs),
+                    ("--min-runs", self.min_runs), ("--threads", self.threads)]
+        positive += [("--batch-sizes", b) for b in self.batch_sizes or []]
+        for flag, value in positive:
+            if value is not None and value <= 0:
                 raise AmpruneError(f"{flag} must be positive, got {value}")
         for flag, value in (("--warmup", self.warmup), ("--new-tokens", self.new_tokens)):
-            if value < 0:
+            if value is not None and value < 0:
                 raise AmpruneError(f"{flag} must be zero or more, got {value}")
+        if self.tolerance is not None and not 0 <= self.tolerance < 1:
+            raise AmpruneError(f"--tolerance must be at least 0 and below 1, got {self.tolerance}")
+        done = self.resolved()
+        if done.min_runs > done.runs:
+            raise AmpruneError(f"--min-runs ({done.min_runs}) must not exceed --runs ({done.runs})")
         for path in (self.out, self.png):
             if path is not None and not Path(path).resolve().parent.is_dir():
                 raise AmpruneError(f"the folder for {path} does not exist")
+
+    def protocol_record(self) -> dict:
+        """The resolved values that shape the numbers, for the result's JSON."""
+        done = self.resolved()
+        return {f.name: getattr(done, f.name) for f in fields(done) if f.name not in _NOT_PROTOCOL}
 
 
 @dataclass(frozen=True)
@@ -147,9 +199,10 @@ class _DecodeClock(LogitsProcessor):
 
 
 def workloads(request: BenchRequest) -> list[Workload]:
-    gen = Workload(f"generate b1 {request.prompt_tokens}+{request.new_tokens}", 1, request.prompt_tokens,
-                   request.new_tokens)
-    prefills = [Workload(f"prefill b{b} ×{request.prompt_len}", b, request.prompt_len, 0) for b in request.batch_sizes]
+    request = request.resolved()
+    gen = Workload(f"generate b1 {request.gen_prompt}+{request.new_tokens}", 1, request.gen_prompt, request.new_tokens)
+    length = request.prefill_len
+    prefills = [Workload(f"prefill b{b} ×{length}", b, length, 0) for b in request.batch_sizes]
     return ([gen] if request.new_tokens else []) + prefills
 
 
@@ -191,32 +244,144 @@ def speedup_text(speedup: dict[str, float]) -> str:
     return f"{speedup['median']:.3f}× [{speedup['p25']:.3f}–{speedup['p75']:.3f}]"
 
 
-def _alternate(fns: list, warmup: int, runs: int, device: torch.device, bar) -> tuple[list[list], list[list]]:
-    """Rounds of fns[0], fns[1], … (reversed in odd rounds); the first `warmup` rounds are not timed.
-
-    Returns the seconds of every timed call per fn, and what each call returned (decode seconds or None).
+class _Rounds:
+    """One workload's rounds: fns[0], fns[1], … in turn (reversed in odd rounds); the first `warmup` rounds
+    are not timed. `times[i]`: the seconds of fn i's timed calls; `inner[i]`: what each returned (a
+    generation's decode seconds, or None).
 
     The garbage collector never runs inside a timed call (as in `timeit`): a collection over a loaded
     model's objects takes milliseconds and would land on one model at random. It runs before *every*
     call instead, so that each call starts alike; collecting once per round made the round's first
     model up to 1.7× slower on short calls (its caches cold after the collection).
     """
-    times: list[list[float]] = [[] for _ in fns]
-    inner: list[list] = [[] for _ in fns]
-    gc.disable()
-    try:
-        for round_ in range(warmup + runs):
-            order = range(len(fns)) if round_ % 2 == 0 else reversed(range(len(fns)))
+
+    def __init__(self, fns: list, warmup: int):
+        self.fns, self.warmup, self.done = fns, warmup, 0  # done: rounds run, warm-up included
+        self.times: list[list[float]] = [[] for _ in fns]
+        self.inner: list[list] = [[] for _ in fns]
+
+    def run(self, device: torch.device, tick=lambda index, seconds: None) -> None:
+        """One round; `tick(index, seconds)` after every call, timed or not, with the seconds it took
+        together with the collection before it (on tiny models the collection takes longer than the call)."""
+        order = range(len(self.fns)) if self.done % 2 == 0 else reversed(range(len(self.fns)))
+        gc.disable()
+        try:
             for index in order:
+                start = time.perf_counter()
                 gc.collect()
-                seconds, returned = _timed(fns[index], device)
-                if round_ >= warmup:
-                    times[index].append(seconds)
-                    inner[index].append(returned)
-                bar.update(1)
-    finally:
-        gc.enable()
-    return times, inner
+                seconds, returned = _timed(self.fns[index], device)
+                if self.done >= self.warmup:
+                    self.times[index].append(seconds)
+                    self.inner[index].append(returned)
+                tick(index, time.perf_counter() - start)
+        finally:
+            gc.enable()
+        self.done += 1
+
+
+def median_interval(ratios: list[float]) -> float:
+    """Half the width of the median's ~95 % interval (boxplot notch, 1.57·IQR/√n), relative to the median."""
+    p25, median, p75 = np.percentile(ratios, [25, 50, 75]).tolist()
+    return NOTCH * (p75 - p25) / (math.sqrt(len(ratios)) * median)
+
+
+def _worst_interval(times: list[list[float]]) -> float:
+    """The widest median interval among the models' speedups (times[0]: the baseline's)."""
+    return max(median_interval([b / m for b, m in zip(times[0], t, strict=True)]) for t in times[1:])
+
+
+def _stop_reason(times: list[list[float]], request: BenchRequest) -> str | None:
+    """Why a workload's rounds end now: "tolerance" (every speedup's median known to ± tolerance after at
+    least min_runs timed rounds), "runs" (the most timed rounds done), or None: run another round."""
+    timed = len(times[0])
+    if timed >= request.min_runs and request.tolerance > 0 and _worst_interval(times) <= request.tolerance:
+        return "tolerance"
+    return "runs" if timed >= request.runs else None
+
+
+class _Progress:
+    """A tqdm bar counting seconds of work: n = seconds measured; total = n + an estimate of the rest.
+
+    The estimate, from the pilot round on: every workload's rounds still to come (up to the most; none
+    once it stopped) × the median seconds of its calls so far per model, plus the memory pass (per model:
+    one call of every workload, its load time, and a process start-up that the first process measures).
+    """
+
+    def __init__(self, names: list[str], models: int, request: BenchRequest, loads: list[float | None]):
+        self.names, self.request = names, request
+        self.calls: list[list[list[float]]] = [[[] for _ in range(models)] for _ in names]
+        self.rounds_left = [request.warmup + request.runs] * len(names)
+        self.loads = loads  # per model: its load seconds if the memory pass will run it, else None
+        self.startup = 5.0  # seconds to start a fresh process (interpreter, torch), until one is measured
+        self.bar = tqdm(total=None, desc="bench", disable=not request.progress,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+
+    def call(self, work: int, index: int, seconds: float) -> None:
+        self.calls[work][index].append(seconds)
+        self._advance(seconds)
+
+    def round_done(self, work: int, rounds: _Rounds) -> None:
+        self.rounds_left[work] = self.request.warmup + self.request.runs - rounds.done
+        timed = f"{len(rounds.times[0])}/≤{self.request.runs} timed"
+        self.bar.set_postfix_str(f"{self.names[work]}, {timed}", refresh=False)
+        self._estimate()
+
+    def stopped(self, work: int) -> None:
+        self.rounds_left[work] = 0
+        self._estimate()
+
+    def memory_done(self, index: int, seconds: float) -> None:
+        calls = sum(statistics.median(work[index]) for work in self.calls)
+        self.startup = max(0.0, seconds - calls - self.loads[index])  # for the next process's estimate
+        self.loads[index] = None
+        self._advance(seconds)
+        self._estimate()
+
+    def _advance(self, seconds: float) -> None:
+        if self.bar.total is not None:  # a call longer than its estimate must not run past the end
+            self.bar.total = max(self.bar.total, self.bar.n + seconds)
+        self.bar.update(seconds)
+
+    def _memory_estimate(self, index: int) -> float:
+        return sum(statistics.median(work[index]) for work in self.calls) + self.loads[index] + self.startup
+
+    def estimate(self) -> float | None:
+        """Seconds of work left; None before every workload and model has run once."""
+        if not all(seconds for work in self.calls for seconds in work):
+            return None
+        left = sum(rounds * sum(statistics.median(s) for s in work)
+                   for rounds, work in zip(self.rounds_left, self.calls, strict=True))
+        return left + sum(self._memory_estimate(i) for i, load in enumerate(self.loads) if load is not None)
+
+    def _estimate(self) -> None:
+        left = self.estimate()
+        if left is not None:
+            self.bar.total = self.bar.n + left
+            self.bar.refresh()
+
+
+def _measure(works: list[Workload], models: list, prompts: torch.Tensor, pad_id: int, request: BenchRequest,
+             device: torch.device, progress: _Progress) -> list[tuple[_Rounds, str]]:
+    """Every workload's rounds and why they ended. The pilot first: one round of every workload."""
+    rounds = [_Rounds([partial(work.run, model, prompts, pad_id) for model in models], request.warmup)
+              for work in works]
+    for index, workload in enumerate(rounds):  # the pilot
+        workload.run(device, partial(progress.call, index))
+        progress.round_done(index, workload)
+    ended = []
+    for index, workload in enumerate(rounds):
+        while (reason := _stop_reason(workload.times, request)) is None:
+            workload.run(device, partial(progress.call, index))
+            progress.round_done(index, workload)
+        progress.stopped(index)
+        ended.append((workload, reason))
+    return ended
 
 
 def _reset_rss_peak() -> bool:
@@ -255,12 +420,16 @@ def _peak_memory(source: str, request: BenchRequest, ids: torch.Tensor, pad_id: 
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss_peak()
 
 
-def _peak_memories(sources: list[str], request: BenchRequest, ids: torch.Tensor, pad_id: int) -> list:
+def _peak_memories(sources: list[str], request: BenchRequest, ids: torch.Tensor, pad_id: int,
+                   progress: _Progress) -> list:
     # One fresh process per model: a process's memory high-water mark cannot tell two models apart.
     peaks = {}
     for source in dict.fromkeys(sources):
+        progress.bar.set_postfix_str(f"peak memory of {source}")
+        start = time.perf_counter()
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
             peaks[source] = pool.submit(_peak_memory, source, request, ids, pad_id).result()
+        progress.memory_done(sources.index(source), time.perf_counter() - start)
     return [peaks[source] for source in sources]
 
 
@@ -278,7 +447,8 @@ def _torch_threads(threads: int | None):
 
 def bench(request: BenchRequest) -> dict:
     """Measure `request.models` against the baseline, side by side; write JSON/PNG if asked."""
-    request.validate()
+    request.check()
+    request = request.resolved()
     if request.png:
         _require_matplotlib()
     models = [resolve_model(m) for m in request.models]  # first: the default baseline may need converting
@@ -287,32 +457,39 @@ def bench(request: BenchRequest) -> dict:
     device, dtype = resolve_device_dtype(request.device, request.dtype)
     tokenizer = load_tokenizer(sources[0])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
-    ids = _prompt_ids(tokenizer, max(request.batch_sizes), max(request.prompt_len, request.prompt_tokens))
+    ids = _prompt_ids(tokenizer, max(request.batch_sizes), max(request.prefill_len, request.gen_prompt))
     prompts = ids.to(device)
 
     with _torch_threads(request.threads):
-        models = [load_model(source, device, dtype) for source in sources]
+        models, loads = [], []
+        for source in sources:
+            start = time.perf_counter()
+            models.append(load_model(source, device, dtype))
+            loads.append(time.perf_counter() - start)
         for source, model in zip(sources, models, strict=True):
             if model.get_input_embeddings().num_embeddings <= int(ids.max()):
                 raise AmpruneError(f"{source} does not share the baseline's vocabulary")
         costs = [model_cost(model, family) for model, family in zip(models, families, strict=True)]
         works = workloads(request)
-        bar = tqdm(total=len(works) * (request.warmup + request.runs) * len(models), desc="bench", unit="run",
-                   disable=not request.progress)
-        results = []
-        with torch.inference_mode(), bar:
-            for work in works:
-                bar.set_postfix_str(work.name)
-                fns = [partial(work.run, model, prompts, pad_id) for model in models]
-                times, decode = _alternate(fns, request.warmup, request.runs, device, bar)
-                results.append(_workload_result(work, times, costs, decode if work.new_tokens else None))
-        environment = _environment(device, dtype)
-    peaks = _peak_memories(sources, request, ids, pad_id) if request.memory else [None] * len(sources)
+        first = [request.memory and sources.index(s) == i for i, s in enumerate(sources)]  # the memory pass's
+        progress = _Progress([w.name for w in works], len(models), request,
+                             [load if run else None for load, run in zip(loads, first, strict=True)])
+        with progress:
+            with torch.inference_mode():
+                ended = _measure(works, models, prompts, pad_id, request, device, progress)
+            results = [
+                _workload_result(work, rounds.times, costs, rounds.inner if work.new_tokens else None)
+                | {"rounds": {"warmup": request.warmup, "timed": len(rounds.times[0]), "stop": reason,
+                              "median_interval": _worst_interval(rounds.times)}}
+                for work, (rounds, reason) in zip(works, ended, strict=True)
+            ]
+            environment = _environment(device, dtype)
+            peaks = _peak_memories(sources, request, ids, pad_id, progress) if request.memory else [None] * len(sources)
 
     names = [request.baseline or "packaged SmolLM2-135M-Instruct", *request.models]
     result = {
         "format": BENCH_FORMAT,
-        "protocol": {k: v for k, v in asdict(request).items() if k not in _NOT_PROTOCOL},
+        "protocol": request.protocol_record(),
         "environment": environment,
         "models": [
             {"role": "model" if i else "baseline", "source": names[i], "loaded_from": sources[i],
@@ -414,12 +591,28 @@ def summary(result: dict) -> str:
         ]
         rows = [header] + [row + ("",) * (len(header) - len(row)) for row in rows]
         blocks.append(f"{model['source']} vs baseline {base['source']}\n{table(rows)}")
-    env, proto = result["environment"], result["protocol"]
-    blocks.append(
-        f"{env['device']}, {env['dtype']}, {env['torch_threads']} thread(s); {proto['warmup']} warm-up + "
-        f"{proto['runs']} timed rounds per workload, models alternating; {env['date']}"
-    )
+    env = result["environment"]
+    blocks.append(f"{env['device']}, {env['dtype']}, {env['torch_threads']} thread(s); {_rounds_text(result)}; "
+                  f"{env['date']}")
     return "\n\n".join(blocks)
+
+
+def _rounds_text(result: dict) -> str:
+    """The protocol's rounds; with early stopping, how many each workload ran and how sure its median is."""
+    proto, works = result["protocol"], result["workloads"]
+    if "rounds" not in works[0]:  # written before protocols: fixed rounds
+        return f"{proto['warmup']} warm-up + {proto['runs']} timed rounds per workload, models alternating"
+    if not (proto["tolerance"] > 0 and proto["min_runs"] < proto["runs"]):
+        plan = f"{proto['runs']} timed rounds"
+        return f"{proto['protocol']} protocol: {proto['warmup']} warm-up + {plan} per workload, models alternating"
+    ran = ", ".join(
+        f"{w['name']} {w['rounds']['timed']}"
+        + (f" (±{w['rounds']['median_interval']:.1%})" if w["rounds"]["stop"] == "tolerance" else " (the most)")
+        for w in works
+    )
+    return (f"{proto['protocol']} protocol: {proto['warmup']} warm-up + {proto['min_runs']}–{proto['runs']} timed "
+            f"rounds per workload, models alternating, until every speedup's median is known to "
+            f"±{proto['tolerance']:.0%}; timed rounds run: {ran}")
 
 
 def has_matplotlib() -> bool:
