@@ -225,7 +225,7 @@ def test_quick_stops_once_the_median_is_tight(monkeypatch):
     pilot = 3 * 2
     totals = [total for _, total in bar.history]
     assert totals[:pilot] == [None] * pilot and None not in totals[pilot:]
-    assert any(later < first for first, later in zip(totals[pilot:], totals[pilot + 1 :]))
+    assert any(later < first for first, later in zip(totals[pilot:-1], totals[pilot + 1 :], strict=True))
     assert bar.total == pytest.approx(bar.n)
 
 

@@ -145,7 +145,7 @@ def bad_gguf(tmp_path):
 
 BAD = [
     ("gpt2", ["--ratio", "0.3"], "unsupported model_type 'gpt2'. Supported: "),
-    ("dense", ["--ratio", "1.5"], "--ratio must be in [0, 1), got 1.5"),
+    ("dense", ["--ratio", "1.5"], "argument --ratio: must be in [0, 1), got 1.5"),
     ("dense", ["--head-ratio", "0.95"], "would remove every attention head of every layer"),
     ("dense", ["--mlp-ratio", "0.999"], "would remove every MLP neuron of every layer"),
     ("mqa", ["--ratio", "0.3", "--gqa-mode", "group"],
@@ -171,7 +171,7 @@ BAD = [
     ("dense", ["--ratio", "0.97", "--recipe", "default"], "no stock-valid plan removes 97.0% of the parameters"),
     ("nan", ["--ratio", "0.3"], "non-finite activations in decoder layer 0"),
     ("full", ["--ratio", "0.3"], "is not empty; pass --overwrite to replace it"),
-    ("dense", ["--ratio", "0.3", "--batch-size", "0"], "--batch-size must be positive, got 0"),
+    ("dense", ["--ratio", "0.3", "--batch-size", "0"], "argument --batch-size: must be positive, got 0"),
 ]
 
 
@@ -215,7 +215,7 @@ def test_cheap_checks_come_before_converting_a_gguf(bad_gguf, tmp_path, calib_te
     full.mkdir()
     (full / "x").write_text("x")
     cases = [
-        (["--ratio", "1.5"], "--ratio must be in [0, 1), got 1.5"),
+        (["--ratio", "1.5"], "argument --ratio: must be in [0, 1), got 1.5"),
         (["--ratio", "0.3", "--out", str(full)], "is not empty; pass --overwrite"),
         (["--ratio", "0.3", "--calib", str(tmp_path / "missing.txt")], "calibration source"),
         (["--ratio", "0.3", "--head-ratio", "0.2"], "give either --ratio or --head-ratio/--mlp-ratio"),
@@ -226,10 +226,67 @@ def test_cheap_checks_come_before_converting_a_gguf(bad_gguf, tmp_path, calib_te
         assert code == 2 and message in err and err.count("\n") == 1, err
     # compare and recover check their own settings before converting too
     for argv, message in (
-        (["compare", "--ratios", "0.2,1.5", "--out", str(tmp_path / "cmp")], "--ratio must be in [0, 1), got 1.5"),
+        (["compare", "--ratios", "0.2,1.5", "--out", str(tmp_path / "cmp")],
+         "argument --ratios: must be in [0, 1), got 1.5"),
         (["compare", "--calib", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "cmp")], "calibration source"),
         (["recover", "--out", str(full)], "is not empty; pass --overwrite"),
     ):
         assert main(["--quiet", argv[0], "--model", bad_gguf, *argv[1:]]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+
+
+INVALID = [  # (argv, the one line): unknown choices, malformed lists, negative counts, ranges, conflicts
+    (["prune", "--out", "o", "--gqa-mode", "nope"], "argument --gqa-mode: invalid choice: 'nope' (choose from 'query', "
+     "'group')"),
+    (["prune", "--out", "o", "--recipe", "best"], "argument --recipe: invalid choice: 'best' (choose from 'default', "
+     "'paper')"),
+    (["prune", "--out", "o", "--correction", "refit2"], "argument --correction: invalid choice: 'refit2'"),
+    (["prune", "--out", "o", "--samples", "-1"], "argument --samples: must be positive, got -1"),
+    (["prune", "--out", "o", "--heldout", "-2"], "argument --heldout: must be zero or more, got -2"),
+    (["prune", "--out", "o", "--ratio", "2"], "argument --ratio: must be in [0, 1), got 2"),
+    (["prune", "--out", "o", "--ratio", "0.3", "--head-ratio", "0.2"], "give either --ratio or "
+     "--head-ratio/--mlp-ratio, not both"),
+    (["prune", "--out", "o", "--dtype", "int8"], "argument --dtype: invalid choice: 'int8' (choose from 'float32', "
+     "'bfloat16', 'float16')"),
+    (["prune", "--out", "o", "--ratio", "0.3", "--reconstruct", "--correction", "refit"], "--reconstruct cannot be "
+     "combined that way; use --correction {none,bias,refit,refit-one-pass}"),
+    (["eval", "--limit", "-3"], "argument --limit: must be positive, got -3"),
+    (["eval", "--tasks", "amp5,nope"], "unknown task 'nope'"),
+    (["eval", "--ppl-windows", "x"], "argument --ppl-windows: not an int: x"),
+    (["compare", "--out", "c", "--ratios", "0.1,x"], "argument --ratios: not a number: x"),
+    (["compare", "--out", "c", "--scorers", "amp,nope"], "unknown scorer 'nope'; choose from: amp, reversed"),
+    (["compare", "--out", "c", "--ppl", "wiki", "c4"], "compare measures perplexity on one text (--ppl), got 2"),
+    (["bench", "--model", "m", "--out", "b.json", "--batch-sizes", "1,0"], "argument --batch-sizes: must be "
+     "positive, got 0"),
+    (["bench", "--model", "m", "--out", "b.json", "--protocol", "fast"], "argument --protocol: invalid choice: 'fast' "
+     "(choose from 'quick', 'paper')"),
+    (["recover", "--model", "m", "--out", "r", "--lr", "-1"], "argument --lr: must be positive, got -1"),
+    (["recover", "--model", "m", "--out", "r", "--dropout", "1.5"], "argument --dropout: must be in [0, 1), got 1.5"),
+    (["export", "--gguf", "x.gguf", "--threads", "0"], "argument --threads: must be positive, got 0"),
+    (["inspect"], "give the pruned checkpoint: amprune inspect FOLDER"),
+    (["--log-level", "foo", "list"], "argument --log-level: invalid choice: 'FOO' (choose from 'DEBUG', 'INFO', "
+     "'WARNING', 'ERROR')"),
+    (["list", "--log-level", "loud"], "argument --log-level: invalid choice: 'LOUD'"),
+]
+
+
+@pytest.mark.parametrize("argv, message", INVALID, ids=[" ".join(argv) for argv, _ in INVALID])
+def test_every_invalid_value_is_one_line_exit_2_before_any_model(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for target in ("amprune.models.loading.load_model", "amprune.models.loading.resolve_model"):
+        monkeypatch.setattr(target, _must_not_load)
+    capsys.readouterr()
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("amprune: error: ") and message in lines[0], err
+    assert "Traceback" not in err and out == ""
+
+
+def test_global_options_go_anywhere_on_the_line(capsys):
+    assert main(["list", "--quiet"]) == 0 and main(["--quiet", "list"]) == 0
+    assert main(["list", "--log-level", "debug"]) == 0
+    out = capsys.readouterr().out
+    for section in ("families", "scorers", "recipes", "evaluation tasks", "packaged models", "packaged texts"):
+        assert section in out

@@ -451,6 +451,10 @@ def bench(request: BenchRequest) -> dict:
     request = request.resolved()
     if request.png:
         _require_matplotlib()
+    elif request.out and has_matplotlib():  # the chart goes next to the JSON unless asked elsewhere
+        request = replace(request, png=str(Path(request.out).with_suffix(".png")))
+    elif request.out:
+        logger.warning("no bar chart: matplotlib is not installed (pip install 'amprune[plot]')")
     models = [resolve_model(m) for m in request.models]  # first: the default baseline may need converting
     sources = [resolve_model(request.baseline), *models]
     families = [get_family(load_config(source).model_type) for source in sources]  # fail before loading
@@ -498,6 +502,8 @@ def bench(request: BenchRequest) -> dict:
         ],
         "workloads": results,
     }
+    if request.png:
+        result["png"] = request.png
     if request.out:
         Path(request.out).write_text(json.dumps(result, indent=2) + "\n")
     if request.png:

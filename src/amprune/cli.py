@@ -1,4 +1,11 @@
-"""The `amprune` command line: thin argparse wiring around the library; no logic of its own."""
+"""The `amprune` command line: argparse wiring around the library.
+
+Every subcommand has one request dataclass that holds its defaults and its checks (`PruneRequest`,
+`EvalRequest`, …). The parser is built from argument groups the subcommands share (model and output,
+calibration, evaluation, runtime, logging); an option left out is None, so the request's own default
+applies, and the request is filled from the parsed options by field name. Options a release renamed are
+hidden aliases that still work, with a deprecation warning.
+"""
 
 from __future__ import annotations
 
@@ -6,318 +13,366 @@ import argparse
 import logging
 import os
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from . import distributed
-from .calibration import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
-from .engine import CORRECTIONS
 from .errors import AmpruneError
-from .models import FAMILIES
-from .plan import GQA_MODES
-from .recipes import ALLOCATIONS, RECIPES
-from .scoring import SCORERS
-from .stats import usable_scorers
-from .streams import PLACES
 
 logger = logging.getLogger("amprune")
 
-MODEL_HELP = (
-    "HF folder, .gguf file, hub id, or gemma3-270m (the packaged Gemma-3-270M); "
-    "default: the packaged SmolLM2-135M-Instruct"
-)
-PRUNE_EXAMPLES = """examples:
-  amprune prune --ratio 0.3 --out pruned/                       # packaged SmolLM2-135M, 30 % of parameters
-  amprune prune --model my-llama/ --ratio 0.2 --gqa-mode group --out pruned/
-  amprune prune --model model.gguf --head-ratio 0.25 --mlp-ratio 0.3 --calib prompts.jsonl --out pruned/
-"""
+MODEL_HELP = "HF folder, .gguf file, hub id, or gemma3-270m (the packaged Gemma-3-270M); default: the packaged " \
+             "SmolLM2-135M-Instruct"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class Parser(argparse.ArgumentParser):
+    """One line for every bad option (naming the flag and what it accepts), exit 2: no usage dump."""
+
+    def error(self, message: str):
+        self.exit(2, f"amprune: error: {' '.join(message.split())}\n")
+
+
+def _split(values) -> list[str]:
+    """`a,b c` → [a, b, c]: every list option takes commas, spaces or both."""
+    values = [values] if isinstance(values, str) else values
+    return [item for value in values for item in value.split(",") if item]
+
+
+class ListAction(argparse.Action):
+    def __init__(self, option_strings, dest, item=str, **kwargs):
+        self.item = item
+        super().__init__(option_strings, dest, nargs="+", **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            setattr(namespace, self.dest, [self.item(v) for v in _split(values)])
+        except argparse.ArgumentTypeError as err:
+            parser.error(f"argument {option_string}: {err}")
+        except (TypeError, ValueError):
+            parser.error(f"argument {option_string}: not a list of {self.item.__name__} values: {' '.join(values)}")
+
+
+class Deprecated(argparse.Action):
+    """A former option name: stores into the new option, with a warning (hidden from --help)."""
+
+    def __init__(self, option_strings, dest, new: str, **kwargs):
+        self.new = new
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        notices = getattr(namespace, "deprecated", None) or []
+        namespace.deprecated = [*notices, f"{option_string} is deprecated: use {self.new}"]
+        setattr(namespace, self.dest, values if self.nargs != 0 else self.const)
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a{'n' if kind is int else ''} {kind.__name__}: {text}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def _not_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be zero or more, got {text}")
+    return value
 
 
 def _fraction(text: str) -> float:
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
 
 
-def _add_calibration(p, recipe: bool = False) -> None:
-    calib = p.add_argument_group("calibration")
-    default = "the recipe's" if recipe else "c4"
-    calib.add_argument("--calib", default=None if recipe else "c4",
-                       help="mix (equal shares of each) | c4 | wiki | c4,wiki (pooled) — the packaged texts' "
-                       f"calibration halves — or a .txt / .jsonl file (default: {default})")
-    calib.add_argument("--samples", type=int, default=None if recipe else DEFAULT_SAMPLES,
-                       help=f"number of calibration samples (default: {'the recipe' if recipe else DEFAULT_SAMPLES})")
-    calib.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN,
-                       help=f"tokens per sample (default: {DEFAULT_SEQ_LEN})")
-    calib.add_argument("--seed", type=int, default=0, help="seed for drawing samples (default: 0)")
-    calib.add_argument("--batch-size", type=int, default=8, help="samples per forward pass (default: 8)")
+_fraction.__name__ = "fraction in [0, 1)"
+POSITIVE_INT, POSITIVE_FLOAT = _positive(int), _positive(float)
 
 
-def _add_prune(sub) -> None:
-    p = sub.add_parser(
-        "prune",
-        help="prune a model with AMP and save a standard checkpoint",
-        epilog=PRUNE_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def defaults_in_help(parser, cls) -> None:
+    """Append "(default: X)" to every option that fills a field of `cls` with a default, from the dataclass
+    itself, so help and behaviour cannot drift apart."""
+    from dataclasses import MISSING
+
+    defaults = {f.name: f.default for f in fields(cls) if f.default is not MISSING and f.default is not None}
+    defaults.update({f.name: f.default_factory() for f in fields(cls) if f.default_factory is not MISSING})
+    for action in parser._actions:
+        if action.dest in defaults and action.help not in (None, argparse.SUPPRESS) and "default:" not in action.help:
+            value = defaults[action.dest]
+            if isinstance(value, bool):
+                continue
+            shown = ",".join(map(str, value)) if isinstance(value, list) else value
+            action.help += f" (default: {shown})"
+
+
+def request(cls, args):
+    """A request of dataclass `cls` from the parsed options, by field name; an option left out (None) takes
+    the dataclass default."""
+    given = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
+    return cls(**given)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shared argument groups
+
+
+def logging_group(parser, suppress: bool) -> None:
+    """--quiet and --log-level: on the top level and on every subcommand (so they go anywhere)."""
+    default = argparse.SUPPRESS if suppress else None
+    group = parser.add_argument_group("logging")
+    group.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS if suppress else False,
+                       help="no progress bars, warnings only")
+    group.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default=default,
+                       help="default: INFO")
+
+
+def runtime_group(parser, threads: bool = False):
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
+    group.add_argument("--dtype", choices=DTYPES, help="default: the checkpoint's own (prune), float32 on CPU and "
+                       "bfloat16 on CUDA (the others)")
+    if threads:
+        group.add_argument("--threads", type=POSITIVE_INT, help="torch CPU threads (default: torch's choice)")
+    return group
+
+
+def calibration_group(parser, recipe: bool = False):
+    """Where calibration (or training) samples come from; with `recipe`, the defaults are the recipe's."""
+    group = parser.add_argument_group("calibration")
+    recipe_note = " (default: the recipe's)" if recipe else ""
+    group.add_argument("--calib", help="mix (equal shares of each) | c4 | wiki | c4,wiki (pooled): the packaged "
+                       f"texts' calibration halves; or a .txt / .jsonl file{recipe_note}")
+    group.add_argument("--samples", type=POSITIVE_INT, help=f"calibration samples{recipe_note}")
+    group.add_argument("--seq-len", type=POSITIVE_INT, help="tokens per sample")
+    group.add_argument("--seed", type=int, help="seed for drawing the samples")
+    group.add_argument("--batch-size", type=POSITIVE_INT, help="samples per forward pass")
+    return group
+
+
+def evaluation_group(parser, title: str = "evaluation"):
+    from .evaluation import ALIASES, TASKS
+
+    group = parser.add_argument_group(title)
+    group.add_argument("--tasks", action=ListAction, help=f"zero-shot tasks: {', '.join(TASKS)}, or the aliases "
+                       f"{', '.join(ALIASES)}")
+    group.add_argument("--limit", type=POSITIVE_INT, help="first N documents of each task (default: all); stated "
+                       "in every output")
+    group.add_argument("--eval-batch-size", type=POSITIVE_INT, help="lm-eval batch size")
+    group.add_argument("--ppl", action=ListAction, help="perplexity texts: wiki, c4 (the packaged texts' halves "
+                       "calibration never uses) or .txt files")
+    group.add_argument("--ppl-seq-len", type=POSITIVE_INT, help="tokens per perplexity window: 128 as "
+                       "LLM-Pruner/FLAP, 2048 as SliceGPT/AMP (default: 2048, or the model's maximum context)")
+    group.add_argument("--ppl-windows", type=POSITIVE_INT, help="at most N perplexity windows (default: all)")
+    return group
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Subcommands: each `add_*` declares its options, each `run_*` builds its request and calls the library.
+
+PRUNE_EXAMPLES = """examples:
+  amprune prune --ratio 0.3 --out pruned/                       # the packaged SmolLM2-135M, the default recipe
+  amprune prune --ratio 0.3 --recipe paper --out pruned/        # AMP exactly as published
+  amprune prune --model my-llama/ --ratio 0.2 --gqa-mode group --out pruned/
+  torchrun --nproc-per-node 2 -m amprune prune --model my-llama/ --ratio 0.3 --out pruned/   # 2 ranks
+"""
+
+
+def add_prune(sub) -> None:
+    from .engine import CORRECTIONS
+    from .pipeline import PruneRequest
+    from .plan import GQA_MODES
+    from .recipes import ALLOCATIONS, RECIPES
+    from .scoring import SCORERS
+    from .streams import PLACES
+
+    p = sub.add_parser("prune", help="prune a model and save a standard checkpoint", epilog=PRUNE_EXAMPLES,
+                       description="Prune a model layer by layer and save a plain Hugging Face checkpoint. "
+                       "--recipe default is the best recipe measured; --recipe paper is AMP exactly as published.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--out", required=True, help="output folder for the pruned checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    p.add_argument("--recipe", choices=RECIPES, default="default",
-                   help="default: the best recipe measured; paper: AMP exactly as published (uniform p, AMP scores on "
-                   "the dense model, no re-fit); any option below overrides its recipe's value (default: default)")
-    p.add_argument(
-        "--correction", choices=CORRECTIONS,
-        help="how removed units are made up for: none (AMP as published); bias (FLAP's mean compensation in "
-        "o_proj/down_proj biases, LLaMA only); refit (least-squares re-fit of o_proj/down_proj on the pruned "
-        "stream); refit-one-pass (the same, with the units also chosen on the pruned stream) (default: the recipe's)",
-    )
-    _add_deprecated_corrections(p)
-    budget = p.add_argument_group("how much to prune")
-    budget.add_argument("--ratio", type=_fraction, help="fraction of all parameters to remove, in [0, 1) (AMP's c)")
-    budget.add_argument("--head-ratio", type=_fraction,
-                        help="fraction of attention heads per layer (instead of --ratio)")
-    budget.add_argument("--mlp-ratio", type=_fraction, help="fraction of MLP neurons per layer (instead of --ratio)")
-    budget.add_argument(
-        "--gqa-mode", choices=GQA_MODES, default="query",
-        help="query: drop the same number of query heads in every KV group (default); "
-        "group: drop whole KV groups (smaller KV cache)",
-    )
-    budget.add_argument(
-        "--round-to", type=int,
-        help="keep a multiple of N neurons per layer (1: AMP's exact rule; 8 runs at full matmul speed) "
-        "(default: the recipe's)",
-    )
-    budget.add_argument(
-        "--allocation", choices=ALLOCATIONS,
-        help="with --ratio: search (the heads/neurons/layers split with the lowest held-out loss) or uniform (the "
-        "paper's single fraction) (default: the recipe's)",
-    )
-    budget.add_argument("--heldout", type=int, help="held-out calibration samples the search ranks on "
-                        "(default: the recipe's)")
-    budget.add_argument(
-        "--scorer", choices=SCORERS,
-        help="how units are ranked: amp, a baseline (see `amprune compare`) or, with --correction "
-        "refit-one-pass, obs (the units the least-squares re-fit makes up for best) (default: the recipe's)",
-    )
-    _add_calibration(p, recipe=True)
-    run = p.add_argument_group("runtime")
-    run.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: the checkpoint's own)")
-    run.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
-    run.add_argument("--no-verify", action="store_true", help="skip reloading the saved checkpoint to compare logits")
-    run.add_argument("--hidden-states", choices=PLACES, default="auto",
-                     help="where the calibration hidden states live between layers: ram, disk (a file in the "
-                     "output's temporary folder) or auto (disk only when RAM is short) (default: auto)")
-    ev = p.add_argument_group("evaluation: dense vs pruned, side by side")
-    ev.add_argument(
-        "--eval", metavar="SPEC",
-        help="after pruning, evaluate the dense and the pruned model: comma-separated zero-shot tasks or aliases "
-        "(amp5, all7) and perplexity texts (wiki, c4; windows of 2048 tokens or the model's maximum), e.g. amp5,wiki",
-    )
-    ev.add_argument("--eval-limit", type=int, help="first N documents of each task and at most N perplexity windows")
-    p.set_defaults(handler=_run_prune)
-
-
-def _run_prune(args) -> None:
-    from .pipeline import PruneRequest, prune
-    from .report import run_summary
-
-    if args.batch_size <= 0:
-        raise AmpruneError(f"--batch-size must be positive, got {args.batch_size}")
-    evaluation = _prune_eval_request(args)
-    result = prune(
-        PruneRequest(
-            out=args.out, model=args.model, ratio=args.ratio, head_ratio=args.head_ratio, mlp_ratio=args.mlp_ratio,
-            gqa_mode=args.gqa_mode, round_to=args.round_to, calib=args.calib, samples=args.samples,
-            seq_len=args.seq_len, seed=args.seed,
-            batch_size=args.batch_size, dtype=args.dtype, device=args.device, overwrite=args.overwrite,
-            verify=not args.no_verify, progress=not args.quiet, correction=_correction(args), scorer=args.scorer,
-            hidden_states=args.hidden_states, keep_model=evaluation is not None, recipe=args.recipe,
-            allocation=args.allocation, heldout=args.heldout,
-        )
-    )
-    if distributed.rank() != 0:
-        return
-    print(run_summary(result.plan, result.seconds, result.memory))
-    print(f"saved: {result.out}  (loads with AutoModelForCausalLM.from_pretrained)")
-    if evaluation:
-        _eval_dense_and_pruned(args, result, evaluation)
-
-
-def _add_deprecated_corrections(p) -> None:
-    """The three booleans `--correction` replaced, hidden, for one release."""
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace a non-empty --out")
+    size = p.add_argument_group("how much to prune")
+    size.add_argument("--ratio", type=_fraction, help="fraction of all parameters to remove, in [0, 1) (AMP's c)")
+    size.add_argument("--head-ratio", type=_fraction, help="fraction of attention heads per layer (instead of --ratio)")
+    size.add_argument("--mlp-ratio", type=_fraction, help="fraction of MLP neurons per layer (instead of --ratio)")
+    size.add_argument("--gqa-mode", choices=GQA_MODES, help="query: the same number of query heads from every KV "
+                      "group; group: whole KV groups (a smaller KV cache)")
+    how = p.add_argument_group("how (defaults: the recipe's)")
+    how.add_argument("--recipe", choices=RECIPES, help="default: the best recipe measured; paper: AMP as published "
+                     "(uniform p, AMP scores on the dense model, no re-fit)")
+    how.add_argument("--scorer", choices=SCORERS, help="how units are ranked: amp, a baseline (see `amprune "
+                     "compare`) or, with --correction refit-one-pass, obs (what the re-fit makes up for best)")
+    how.add_argument("--correction", choices=CORRECTIONS, help="how removed units are made up for: none; bias "
+                     "(FLAP's mean compensation, LLaMA only); refit (least-squares re-fit of o_proj/down_proj on the "
+                     "pruned stream); refit-one-pass (the same, units chosen on the pruned stream too)")
+    how.add_argument("--allocation", choices=ALLOCATIONS, help="with --ratio: search (the heads/neurons/layers split "
+                     "with the lowest held-out loss) or uniform (the paper's single fraction)")
+    how.add_argument("--heldout", type=_not_negative, help="held-out calibration samples the search ranks on")
+    how.add_argument("--round-to", type=POSITIVE_INT, help="keep a multiple of N neurons per layer (1: AMP's exact "
+                     "rule; 8: full matmul speed)")
     for flag in ("--reconstruct", "--one-pass", "--bias-compensation"):
-        p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+        how.add_argument(flag, action="store_true", default=False, help=argparse.SUPPRESS)
+    calibration_group(p, recipe=True)
+    run = runtime_group(p)
+    run.add_argument("--hidden-states", choices=PLACES, help="where calibration hidden states live between layers: "
+                     "ram, disk (a file in the output's temporary folder) or auto (disk only if RAM is short)")
+    run.add_argument("--no-verify", dest="verify", action="store_false", default=None,
+                     help="skip reloading the saved checkpoint with stock transformers to compare logits")
+    run.add_argument("--no-check", dest="check", action="store_false", default=True,
+                     help="skip the quality check at the end (dense vs pruned perplexity and generation)")
+    evaluation_group(p, "evaluation after pruning: the dense and the pruned model side by side")
+    p.add_argument("--eval", dest="eval_spec", action=Deprecated, new="--tasks and --ppl")
+    p.add_argument("--eval-limit", dest="eval_limit", type=POSITIVE_INT, action=Deprecated, new="--limit and "
+                   "--ppl-windows")
+    defaults_in_help(p, PruneRequest)
+    p.set_defaults(handler=run_prune)
 
 
-def _correction(args) -> str:
+def _correction(args) -> str | None:
     """--correction, or what the deprecated booleans meant (with a warning)."""
-    old = [flag for flag, on in (("--reconstruct", args.reconstruct), ("--one-pass", args.one_pass),
-                                 ("--bias-compensation", getattr(args, "bias_compensation", False))) if on]
+    from .engine import CORRECTIONS
+
+    old = [flag for flag in ("--reconstruct", "--one-pass", "--bias-compensation")
+           if getattr(args, flag[2:].replace("-", "_"))]
     if not old:
         return args.correction
     meaning = {("--reconstruct",): "refit", ("--reconstruct", "--one-pass"): "refit-one-pass",
                ("--bias-compensation",): "bias"}.get(tuple(old))
-    if meaning is None or args.correction not in (None, "none"):
-        raise AmpruneError(f"{' '.join(old)} cannot be combined that way; use --correction "
-                           f"{{{','.join(CORRECTIONS)}}}")
+    if meaning is None or args.correction is not None:
+        raise AmpruneError(f"{' '.join(old)} cannot be combined that way; use --correction {{{','.join(CORRECTIONS)}}}")
     logger.warning("%s is deprecated: use --correction %s", " ".join(old), meaning)
     return meaning
 
 
-def _prune_eval_request(args):
+def _prune_evaluation(args):
+    """The evaluation asked after pruning (--tasks/--ppl, or the deprecated --eval/--eval-limit), or None."""
     from .evaluation.run import EvalRequest, split_eval_spec
 
-    if args.eval is None:
-        if args.eval_limit is not None:
-            raise AmpruneError("--eval-limit needs --eval")
+    if args.eval_spec is not None:
+        args.tasks, args.ppl = split_eval_spec(args.eval_spec)
+    if args.eval_limit is not None:
+        args.limit, args.ppl_windows = args.eval_limit, args.eval_limit
+    if not args.tasks and not args.ppl:
+        if args.limit or args.ppl_windows:
+            raise AmpruneError("--limit and --ppl-windows go with --tasks or --ppl")
         return None
-    tasks, ppl = split_eval_spec(args.eval)
-    return EvalRequest(
-        tasks=tasks, ppl=ppl, limit=args.eval_limit, ppl_windows=args.eval_limit, limit_option="--eval-limit"
-    ).check()
+    return request(EvalRequest, args).check()
 
 
-def _eval_dense_and_pruned(args, result, request) -> None:
-    from .evaluation.results import comparison_table, write_results
-    from .evaluation.run import evaluate
-    from .models.loading import default_model, load_model, resolve_device_dtype, resolve_model
+def run_prune(args) -> None:
+    from .evaluation.check import check_summary, quick_check
+    from .evaluation.run import evaluate_side_by_side
+    from .models.loading import DTYPES, default_model, resolve_device, resolve_model
+    from .pipeline import PruneRequest, prune
+    from .report import run_summary
 
-    device, dtype = resolve_device_dtype(args.device, args.dtype)
-    settings = {"dtype": str(dtype), "device": str(device)}
-    name, progress = str(result.out or "pruned (in memory)"), not args.quiet
-    pruned = evaluate(result.model, result.tokenizer, request, name, settings, progress)
-    dense_model = load_model(resolve_model(args.model), device, dtype)
-    dense = evaluate(dense_model, result.tokenizer, request, args.model or default_model(), settings, progress)
-    table = comparison_table(dense, pruned)
-    print(table)
-    if result.out:
-        json_path, md_path = write_results({"dense": dense, "pruned": pruned}, result.out / "amprune_eval.json", table)
-        print(f"evaluation: {json_path} and {md_path}")
+    args.correction = _correction(args)
+    evaluation = _prune_evaluation(args)
+    args.progress = not args.quiet
+    args.keep_model = evaluation is not None
+    result = prune(request(PruneRequest, args))
+    if distributed.rank() != 0:
+        return
+    print(run_summary(result.plan, result.seconds, result.memory))
+    print(f"saved: {result.out}  (loads with AutoModelForCausalLM.from_pretrained)")
+    dense_source = resolve_model(args.model)
+    if evaluation is not None:
+        name = args.model or default_model()
+        print(evaluate_side_by_side(dense_source, name, result.model, result.tokenizer, evaluation, str(result.out),
+                                    str(result.out / "amprune_eval.json")))
+    if args.check and not args.quiet:
+        device, dtype = resolve_device(args.device), DTYPES[result.memory["compute_dtype"]]
+        check = quick_check(dense_source, result.model or result.out, result.tokenizer, device, dtype)
+        print(check_summary(check) if check else "quality check skipped: the dense and the pruned model do not "
+              "both fit in memory (use `amprune eval`)")
 
 
 EVAL_EXAMPLES = """examples:
   amprune eval --model pruned/ --tasks amp5 --limit 200 --out results.json
-  amprune eval --model pruned/ --ppl wiki,c4 --ppl-seq-len 128
+  amprune eval --model pruned/ --ppl wiki c4 --ppl-seq-len 128
   amprune eval --tasks all7 --ppl wiki                 # the packaged dense SmolLM2-135M-Instruct
 """
 
 
-def _add_eval(sub) -> None:
-    from .evaluation import ALIASES, TASKS
+def add_eval(sub) -> None:
+    from .evaluation.run import EvalRequest
 
-    p = sub.add_parser(
-        "eval",
-        help="zero-shot accuracy (lm-eval on the packaged data) and perplexity of any model",
-        epilog=EVAL_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = sub.add_parser("eval", help="zero-shot accuracy (lm-eval on the packaged data) and perplexity of any model",
+                       epilog=EVAL_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help=MODEL_HELP)
-    p.add_argument(
-        "--tasks",
-        help=f"comma-separated: {', '.join(TASKS)}, or the aliases {', '.join(ALIASES)} "
-        "(default: amp5 unless only --ppl is given)",
-    )
-    p.add_argument("--limit", type=int, help="first N documents of each task (default: all); stated in every output")
-    p.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size (default: 8)")
-    p.add_argument(
-        "--ppl", help="comma-separated perplexity texts: wiki, c4 (packaged, the half calibration never uses) or .txt"
-    )
-    p.add_argument(
-        "--ppl-seq-len", type=int,
-        help="tokens per window: 128 as LLM-Pruner/FLAP, or 2048 as SliceGPT/AMP (default: 2048, or the model's "
-        "maximum context if that is shorter)",
-    )
-    p.add_argument("--ppl-windows", type=int, help="at most N perplexity windows (default: the whole text)")
     p.add_argument("--out", help="results JSON file; the Markdown table is written next to it (.md)")
-    run = p.add_argument_group("runtime")
-    run.add_argument("--dtype", help="float32 (default on CPU) | bfloat16 (default on CUDA) | float16")
-    run.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
-    p.set_defaults(handler=_run_eval)
+    evaluation_group(p, "evaluation (default: amp5 unless only --ppl is given)")
+    p.add_argument("--batch-size", dest="eval_batch_size", type=POSITIVE_INT, action=Deprecated,
+                   new="--eval-batch-size")
+    runtime_group(p)
+    defaults_in_help(p, EvalRequest)
+    p.set_defaults(handler=run_eval)
 
 
-def _run_eval(args) -> None:
-    from .evaluation.results import markdown_table, write_results
+def run_eval(args) -> None:
     from .evaluation.run import EvalRequest, evaluate
-    from .models.loading import default_model, load_model, load_tokenizer, resolve_device_dtype, resolve_model
 
-    request = EvalRequest(
-        tasks=args.tasks or ("" if args.ppl else "amp5"), ppl=args.ppl or "", limit=args.limit,
-        batch_size=args.batch_size, ppl_seq_len=args.ppl_seq_len, ppl_windows=args.ppl_windows,
-    ).check()
-    device, dtype = resolve_device_dtype(args.device, args.dtype)
-    source = resolve_model(args.model)
-    tokenizer = load_tokenizer(source)
-    model = load_model(source, device, dtype)
-    settings = {"dtype": str(dtype), "device": str(device)}
-    record = evaluate(model, tokenizer, request, args.model or default_model(), settings, progress=not args.quiet)
-    print(markdown_table(record))
+    args.progress = not args.quiet
+    record, table = evaluate(request(EvalRequest, args))
+    print(table)
     print(f"time: {record['settings']['seconds']:.1f} s")
     if args.out:
-        json_path, md_path = write_results(record, args.out)
-        print(f"wrote {json_path} and {md_path}")
+        print(f"wrote {args.out} and {Path(args.out).with_suffix('.md')}")
 
 
 COMPARE_EXAMPLES = """examples:
   amprune compare --ratios 0.1,0.3 --scorers amp,random --tasks amp5 --limit 50 --out cmp/
-  amprune compare --model my-llama/ --scorers amp,wanda_sp,flap,magnitude,taylor,random --out cmp/
+  amprune compare --model my-llama/ --scorers amp wanda_sp flap magnitude taylor random --out cmp/
 """
 
 
-def _names(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
+def add_compare(sub) -> None:
+    from .compare import CompareRequest
+    from .engine import CORRECTIONS
+    from .plan import GQA_MODES
+    from .stats import usable_scorers
 
-
-def _fractions(text: str) -> list[float]:
-    return [_fraction(item) for item in _names(text)]
-
-
-def _add_compare(sub) -> None:
-    p = sub.add_parser(
-        "compare",
-        help="prune with several scorers at several ratios and evaluate every result side by side",
-        epilog=COMPARE_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = sub.add_parser("compare", help="prune with several scorers at several ratios and evaluate every result "
+                       "side by side", epilog=COMPARE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--out", required=True, help="folder for compare.json, compare.md and the plots")
-    p.add_argument(
-        "--scorers", type=_names, default=_names("amp,wanda_sp,flap,magnitude,random"),
-        help=f"comma-separated, from: {', '.join(usable_scorers())} (default: amp,wanda_sp,flap,magnitude,random; "
-        "taylor needs a backward pass and gradient memory)",
-    )
-    p.add_argument("--ratios", type=_fractions, default=[0.1, 0.2, 0.3, 0.5],
-                   help="comma-separated fractions of all parameters (default: 0.1,0.2,0.3,0.5)")
-    p.add_argument("--gqa-mode", choices=GQA_MODES, default="query", help="as for `prune` (default: query)")
-    p.add_argument("--correction", choices=[c for c in CORRECTIONS if c != "bias"], default="none",
-                   help="every run's correction, as for `prune` (default: none)")
-    _add_deprecated_corrections(p)
-    _add_calibration(p)
-    ev = p.add_argument_group("evaluation")
-    ev.add_argument("--tasks", default="amp5", help="zero-shot tasks or aliases (amp5, all7) or 'none' (default: amp5)")
-    ev.add_argument("--limit", type=int, help="first N documents of every task (default: all)")
-    ev.add_argument("--ppl-source", default="wiki", help="wiki | c4 | a .txt file for perplexity (default: wiki)")
-    ev.add_argument("--ppl-seq-len", type=int, default=512, help="tokens per perplexity window (default: 512)")
-    ev.add_argument("--ppl-windows", type=int, help="at most this many perplexity windows (default: all)")
-    run = p.add_argument_group("runtime")
-    run.add_argument("--dtype", help="float32 (default on CPU) | bfloat16 (default on CUDA) | float16")
-    run.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
-    p.set_defaults(handler=_run_compare)
+    p.add_argument("--scorers", action=ListAction, help=f"from: {', '.join(usable_scorers())} (taylor needs a "
+                   "backward pass and gradient memory)")
+    p.add_argument("--ratios", action=ListAction, item=_fraction, help="fractions of all parameters")
+    p.add_argument("--gqa-mode", choices=GQA_MODES, help="as for `prune`")
+    p.add_argument("--correction", choices=[c for c in CORRECTIONS if c != "bias"],
+                   help="every run's correction, as for `prune`")
+    p.add_argument("--keep-checkpoints", action="store_true", default=None,
+                   help="keep every run's checkpoint under OUT/runs/ (otherwise deleted once evaluated)")
+    p.add_argument("--reconstruct", dest="correction", action=Deprecated, nargs=0, const="refit",
+                   new="--correction refit")
+    calibration_group(p)
+    evaluation_group(p)
+    p.add_argument("--ppl-source", dest="ppl", action=Deprecated, new="--ppl")
+    runtime_group(p)
+    defaults_in_help(p, CompareRequest)
+    p.set_defaults(handler=run_compare)
 
 
-def _run_compare(args) -> None:
+def run_compare(args) -> None:
     from .compare import CompareRequest, run_compare
 
-    if args.batch_size <= 0:
-        raise AmpruneError(f"--batch-size must be positive, got {args.batch_size}")
-    request = CompareRequest(
-        out=args.out, model=args.model, scorers=args.scorers, ratios=args.ratios, gqa_mode=args.gqa_mode,
-        calib=args.calib, samples=args.samples, seq_len=args.seq_len, seed=args.seed, batch_size=args.batch_size,
-        tasks=None if args.tasks == "none" else args.tasks, limit=args.limit, ppl=args.ppl_source,
-        ppl_seq_len=args.ppl_seq_len, ppl_windows=args.ppl_windows, correction=_correction(args), dtype=args.dtype,
-        device=args.device, progress=not args.quiet,
-    )
-    results = run_compare(request)
+    args.progress = not args.quiet
+    results = run_compare(request(CompareRequest, args))
     failed = sum("error" in run for run in results["runs"])
     print((Path(args.out) / "compare.md").read_text())
     print(f"{len(results['runs']) - failed} of {len(results['runs'])} runs finished; results in {args.out}")
@@ -326,58 +381,48 @@ def _run_compare(args) -> None:
 BENCH_EXAMPLES = """examples:
   amprune bench --model pruned/ --out bench.json     # against the packaged SmolLM2-135M; chart: bench.png
   amprune bench --model p20/ p30/ --baseline my-llama/ --out bench.json
-  amprune bench --model pruned/ --warmup 2 --runs 5 --batch-sizes 1 8 --out bench.json   # a quick look
+  amprune bench --model pruned/ --protocol paper --out bench.json   # the AMP paper's full protocol
 """
 
 
-def _add_bench(sub) -> None:
-    p = sub.add_parser(
-        "bench",
-        help="measure the speed and memory of models against a baseline, side by side",
-        epilog=BENCH_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--model", nargs="+", required=True, help="model(s) to measure: HF folder, .gguf file or hub id")
+def add_bench(sub) -> None:
+    from .benchmark import BenchRequest
+
+    p = sub.add_parser("bench", help="measure the speed and memory of models against a baseline, side by side",
+                       epilog=BENCH_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", dest="models", action=ListAction, required=True,
+                   help="model(s) to measure: HF folders, .gguf files or hub ids")
     p.add_argument("--baseline", help="reference model (default: the packaged SmolLM2-135M-Instruct)")
     p.add_argument("--out", required=True, help="JSON file for the results")
-    p.add_argument("--png", help="bar chart: speedup per workload, baseline vs models, the ideal marked "
-                   "(default: the --out path with .png, when matplotlib is installed)")
-    proto = p.add_argument_group("protocol (defaults: the AMP paper's latency protocol)")
-    proto.add_argument("--prompt-tokens", type=int, default=12, help="prompt of the generation (default: 12)")
-    proto.add_argument("--new-tokens", type=int, default=128,
-                       help="tokens generated, EOS suppressed; 0: no generation (default: 128)")
-    proto.add_argument("--prompt-len", type=int, default=128, help="prompt length of the prefill (default: 128)")
-    proto.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32],
-                       help="prefill batch sizes (default: 1 8 32)")
-    proto.add_argument("--warmup", type=int, default=10, help="untimed rounds per workload (default: 10)")
-    proto.add_argument("--runs", type=int, default=20, help="timed rounds per workload (default: 20)")
-    proto.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass (one process per model)")
-    run = p.add_argument_group("runtime")
-    run.add_argument("--dtype", help="float32 (default on CPU) | bfloat16 (default on CUDA) | float16")
-    run.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
-    run.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.set_defaults(handler=_run_bench)
+    p.add_argument("--png", help="bar chart: speedup per workload (default: --out with .png, with matplotlib)")
+    proto = p.add_argument_group("protocol (defaults: --protocol's)")
+    proto.add_argument("--protocol", choices=("quick", "paper"), help="quick: stop once the speedups are steady "
+                       "(default); paper: the AMP paper's latency protocol in full")
+    proto.add_argument("--gen-prompt", type=POSITIVE_INT, help="prompt tokens of the generation")
+    proto.add_argument("--new-tokens", type=_not_negative, help="tokens generated, EOS suppressed; 0: no generation")
+    proto.add_argument("--prefill-len", type=POSITIVE_INT, help="prompt length of the prefill")
+    proto.add_argument("--batch-sizes", action=ListAction, item=POSITIVE_INT, help="prefill batch sizes")
+    proto.add_argument("--warmup", type=_not_negative, help="untimed rounds per workload")
+    proto.add_argument("--runs", type=POSITIVE_INT, help="timed rounds per workload (at most, with quick)")
+    proto.add_argument("--min-runs", type=POSITIVE_INT, help="timed rounds before quick may stop")
+    proto.add_argument("--tolerance", type=float, help="quick stops once every speedup's median is known to ± this "
+                       "fraction; 0: never early")
+    proto.add_argument("--no-memory", dest="memory", action="store_false", default=None,
+                       help="skip the peak-memory pass (one process per model)")
+    p.add_argument("--prompt-tokens", dest="gen_prompt", type=POSITIVE_INT, action=Deprecated, new="--gen-prompt")
+    p.add_argument("--prompt-len", dest="prefill_len", type=POSITIVE_INT, action=Deprecated, new="--prefill-len")
+    runtime_group(p, threads=True)
+    defaults_in_help(p, BenchRequest)
+    p.set_defaults(handler=run_bench)
 
 
-def _run_bench(args) -> None:
-    from .benchmark import BenchRequest, bench, has_matplotlib, summary
+def run_bench(args) -> None:
+    from .benchmark import BenchRequest, bench, summary
 
-    png = args.png
-    if png is None:
-        png = str(Path(args.out).with_suffix(".png"))
-        if not has_matplotlib():
-            png = None
-            logger.warning("no bar chart: matplotlib is not installed (pip install 'amprune[plot]')")
-    result = bench(
-        BenchRequest(
-            models=args.model, out=args.out, png=png, baseline=args.baseline, prompt_tokens=args.prompt_tokens,
-            new_tokens=args.new_tokens, prompt_len=args.prompt_len, batch_sizes=args.batch_sizes, warmup=args.warmup,
-            runs=args.runs, memory=not args.no_memory, dtype=args.dtype, device=args.device, threads=args.threads,
-            progress=not args.quiet,
-        )
-    )
+    args.progress = not args.quiet
+    result = bench(request(BenchRequest, args))
     print(summary(result))
-    print(f"saved: {args.out}" + (f" and {args.png}" if args.png else ""))
+    print(f"saved: {args.out}" + (f" and {result['png']}" if result.get("png") else ""))
 
 
 RECOVER_EXAMPLES = """examples:
@@ -387,53 +432,44 @@ RECOVER_EXAMPLES = """examples:
 """
 
 
-def _add_recover(sub) -> None:
-    p = sub.add_parser(
-        "recover",
-        help="LoRA-fine-tune a pruned checkpoint and save it merged, as a standard checkpoint",
-        epilog=RECOVER_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def add_recover(sub) -> None:
+    from .recovery import RecoverRequest
+
+    p = sub.add_parser("recover", help="LoRA-fine-tune a pruned checkpoint and save it merged, as a standard "
+                       "checkpoint", epilog=RECOVER_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a folder written by `amprune prune` (or any supported model)")
     p.add_argument("--out", required=True, help="output folder for the recovered checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace a non-empty --out")
     lora = p.add_argument_group("LoRA (defaults: the paper's)")
-    lora.add_argument("--rank", type=int, default=8, help="LoRA rank (default: 8)")
-    lora.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default: 16)")
-    lora.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (default: 0.05)")
-    lora.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate, decaying linearly (default: 3e-4)")
-    lora.add_argument("--epochs", type=int, default=2, help="passes over the text (default: 2)")
-    lora.add_argument("--batch-size", type=int, default=1, help="windows per step (default: 1)")
+    lora.add_argument("--rank", type=POSITIVE_INT, help="LoRA rank")
+    lora.add_argument("--alpha", type=POSITIVE_FLOAT, help="LoRA alpha")
+    lora.add_argument("--dropout", type=_fraction, help="LoRA dropout")
+    lora.add_argument("--lr", type=POSITIVE_FLOAT, help="AdamW learning rate, decaying linearly")
+    lora.add_argument("--epochs", type=POSITIVE_INT, help="passes over the text")
     data = p.add_argument_group("training text and cost bounds")
-    data.add_argument("--text", default="c4",
-                      help="packaged text(s), their calibration halves: c4 | wiki | c4,wiki (default: c4)")
-    data.add_argument("--seq-len", type=int, default=512, help="tokens per window (default: 512)")
-    data.add_argument("--max-steps", type=int, help="stop after this many steps")
-    data.add_argument("--max-tokens", type=int, help="stop before training on more than this many tokens")
-    data.add_argument("--seed", type=int, default=0, help="seed for LoRA init and shuffling (default: 0)")
+    data.add_argument("--calib", help="packaged text(s), their calibration halves: c4 | wiki | c4,wiki")
+    data.add_argument("--seq-len", type=POSITIVE_INT, help="tokens per window")
+    data.add_argument("--batch-size", type=POSITIVE_INT, help="windows per step")
+    data.add_argument("--max-steps", type=POSITIVE_INT, help="stop after this many steps")
+    data.add_argument("--max-tokens", type=POSITIVE_INT, help="stop before training on more than this many tokens")
+    data.add_argument("--seed", type=int, help="seed for LoRA init and shuffling")
+    data.add_argument("--text", dest="calib", action=Deprecated, new="--calib")
     loss = p.add_argument_group("distillation (beyond the paper)")
-    loss.add_argument("--distill", action="store_true",
+    loss.add_argument("--distill", action="store_true", default=None,
                       help="train on KL(teacher ‖ model) of the next-token distributions instead of the text's tokens")
     loss.add_argument("--teacher", help="model to distil from (default: the model the plan was pruned from)")
-    run = p.add_argument_group("runtime")
-    run.add_argument("--dtype", help="float32 (default on CPU) | bfloat16 (default on CUDA) | float16")
-    run.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
-    run.add_argument("--no-verify", action="store_true", help="skip reloading the saved checkpoint to compare logits")
-    p.set_defaults(handler=_run_recover)
+    run = runtime_group(p)
+    run.add_argument("--no-verify", dest="verify", action="store_false", default=None,
+                     help="skip reloading the saved checkpoint to compare logits")
+    defaults_in_help(p, RecoverRequest)
+    p.set_defaults(handler=run_recover)
 
 
-def _run_recover(args) -> None:
+def run_recover(args) -> None:
     from .recovery import RecoverRequest, recover
 
-    result = recover(
-        RecoverRequest(
-            model=args.model, out=args.out, text=args.text, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
-            lr=args.lr, seq_len=args.seq_len, epochs=args.epochs, batch_size=args.batch_size,
-            max_steps=args.max_steps, max_tokens=args.max_tokens, distill=args.distill, teacher=args.teacher,
-            seed=args.seed, dtype=args.dtype,
-            device=args.device, overwrite=args.overwrite, verify=not args.no_verify, progress=not args.quiet,
-        )
-    )
+    args.progress = not args.quiet
+    result = recover(request(RecoverRequest, args))
     losses = result.losses
     steps = " · ".join(f"{name} {value:.1f} s" for name, value in result.seconds.items())
     kind = "distillation loss" if args.distill else "loss"
@@ -445,37 +481,30 @@ def _run_recover(args) -> None:
 EXPORT_EXAMPLES = """examples:
   amprune export --model pruned/ --gguf pruned-f16.gguf                  # 16-bit, llama.cpp's converter
   amprune export --model pruned/ --gguf pruned-q4.gguf --quant Q4_K_M   # + llama-quantize
-  llama-cli -m pruned-q4.gguf                                           # run it in any llama.cpp build
-needs llama.cpp's converter and tools: `make llamacpp` builds them into .llamacpp/ (or set AMPRUNE_LLAMACPP)
 """
 
 
-def _add_export(sub) -> None:
-    from .export import QUANT_TYPES
+def add_export(sub) -> None:
+    from .export import QUANT_TYPES, ExportRequest
 
-    p = sub.add_parser(
-        "export",
-        help="convert a (pruned) checkpoint to a GGUF file for llama.cpp, optionally quantized",
-        epilog=EXPORT_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--model", help="a model folder (e.g. written by `amprune prune`) or .gguf file; "
-                   "default: the packaged SmolLM2-135M-Instruct")
+    p = sub.add_parser("export", help="convert a (pruned) checkpoint to a GGUF file for llama.cpp, optionally "
+                       "quantized", epilog=EXPORT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="a model folder (e.g. written by `amprune prune`) or .gguf file; default: the "
+                   "packaged SmolLM2-135M-Instruct")
     p.add_argument("--gguf", required=True, help="the GGUF file to write")
-    p.add_argument("--quant", default="F16",
-                   help=f"{' | '.join(QUANT_TYPES)} (default: F16; F32, F16, BF16 and Q8_0 come from the converter, "
+    p.add_argument("--quant", help=f"{' | '.join(QUANT_TYPES)} (F32, F16, BF16 and Q8_0 come from the converter, "
                    "the others from llama-quantize)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --gguf file")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --gguf file")
     run = p.add_argument_group("runtime")
-    run.add_argument("--threads", type=int, help="llama-quantize threads (default: all cores)")
-    p.set_defaults(handler=_run_export)
+    run.add_argument("--threads", type=POSITIVE_INT, help="llama-quantize threads (default: all cores)")
+    defaults_in_help(p, ExportRequest)
+    p.set_defaults(handler=run_export)
 
 
-def _run_export(args) -> None:
+def run_export(args) -> None:
     from .export import ExportRequest, export, gguf_summary
 
-    result = export(ExportRequest(gguf=args.gguf, model=args.model, quant=args.quant, overwrite=args.overwrite,
-                                  threads=args.threads))
+    result = export(request(ExportRequest, args))
     meta = gguf_summary(result.path)
     head_dim = meta["key_length"] or meta["embedding_length"] // meta["head_count"]
     print(f"saved: {result.path}  ({result.quant}, {result.bytes / 2**20:.1f} MiB, {result.seconds:.1f} s)")
@@ -484,56 +513,84 @@ def _run_export(args) -> None:
           f"{meta['vocab_tokens']} tokens ({meta['tokenizer']})")
 
 
-def _add_inspect(sub) -> None:
+def add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="print the summary of a pruned checkpoint's plan")
-    p.add_argument("folder", help="a folder written by `amprune prune` (or its amprune_plan.json)")
-    p.set_defaults(handler=_run_inspect)
+    p.add_argument("folder", nargs="?", help="a folder written by `amprune prune` (or its amprune_plan.json)")
+    p.add_argument("--model", help="the same, as the other subcommands name it")
+    p.set_defaults(handler=run_inspect)
 
 
-def _run_inspect(args) -> None:
+def run_inspect(args) -> None:
     from .plan import Plan
     from .report import plan_summary
 
-    print(plan_summary(Plan.load(args.folder)))
+    folder = args.model or args.folder
+    if folder is None:
+        raise AmpruneError("give the pruned checkpoint: amprune inspect FOLDER")
+    plan = Plan.load(folder)
+    print(plan_summary(plan))
+    print("versions: " + ", ".join(f"{name} {version}" for name, version in plan.versions.items()))
 
 
-def _add_list(sub) -> None:
-    p = sub.add_parser("list", help="list the supported model families")
-    p.set_defaults(handler=_run_list)
+def add_list(sub) -> None:
+    p = sub.add_parser("list", help="list the families, scorers, recipes, evaluation tasks, packaged models and texts")
+    p.set_defaults(handler=run_list)
 
 
-def _run_list(args) -> None:
+def run_list(args) -> None:
+    from .evaluation import ALIASES, TASKS
+    from .models import FAMILIES
+    from .models.loading import PACKAGED_GGUFS
+    from .recipes import RECIPES
+    from .scoring import SCORERS
+    from .textsets import PACKAGED_TEXTS
+
+    print("families (by config.model_type):")
     for family in FAMILIES:
-        print(f"{family.name:10s} model_type: {', '.join(family.model_types)}")
+        print(f"  {family.name:10s} {', '.join(family.model_types)}")
+    print("scorers (--scorer):")
+    for name, scorer in SCORERS.items():
+        print(f"  {name:10s} {scorer.source}")
+    print("recipes (--recipe):")
+    for name, recipe in RECIPES.items():
+        print(f"  {name:10s} scorer {recipe.scorer}, correction {recipe.correction}, allocation {recipe.allocation}, "
+              f"calibration {recipe.samples} × {recipe.calib}, --round-to {recipe.round_to}")
+    print(f"evaluation tasks (--tasks): {', '.join(TASKS)}; aliases: "
+          + "; ".join(f"{name} = {', '.join(tasks)}" for name, tasks in ALIASES.items()))
+    print("packaged models (--model): the default, SmolLM2-135M-Instruct (Q4_1 GGUF); "
+          + ", ".join(f"{name}" for name in PACKAGED_GGUFS))
+    print(f"packaged texts (--calib, --ppl): {', '.join(PACKAGED_TEXTS)}, and mix (equal shares of each)")
+
+
+SUBCOMMANDS = (add_prune, add_eval, add_compare, add_bench, add_recover, add_export, add_inspect, add_list)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .models import FAMILIES
+
     families = ", ".join(t for f in FAMILIES for t in f.model_types)
-    parser = argparse.ArgumentParser(
-        prog="amprune",
-        description=f"AMP structured pruning of LLMs (attention heads + MLP neurons). Families: {families}.",
-    )
-    parser.add_argument("--log-level", default="INFO", help="DEBUG | INFO | WARNING (default: INFO)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_prune(sub)
-    _add_eval(sub)
-    _add_compare(sub)
-    _add_bench(sub)
-    _add_recover(sub)
-    _add_export(sub)
-    _add_inspect(sub)
-    _add_list(sub)
+    parser = Parser(prog="amprune", description="Structured pruning of LLMs (attention heads, MLP neurons, whole "
+                    f"layers) into standard checkpoints. Families: {families}.")
+    logging_group(parser, suppress=False)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for add in SUBCOMMANDS:
+        add(sub)
+    for subparser in sub.choices.values():  # global options anywhere on the line
+        logging_group(subparser, suppress=True)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # --help (0) or a bad option, already reported in one line (2)
+        return int(stop.code or 0)
     if int(os.environ.get("RANK", "0")) > 0:  # torchrun: rank 0 alone reports
         args.quiet = True
-    logging.basicConfig(
-        level="WARNING" if args.quiet else args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
-    )
+    level = "WARNING" if args.quiet else args.log_level or "INFO"
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for notice in getattr(args, "deprecated", None) or []:  # options read before logging was set up
+        logger.warning(notice)
     if args.quiet:
         from transformers.utils import logging as hf_logging
 

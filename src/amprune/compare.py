@@ -63,16 +63,42 @@ class CompareRequest:
     seq_len: int = DEFAULT_SEQ_LEN
     seed: int = 0
     batch_size: int = 8  # calibration samples per forward pass
-    tasks: str | None = "amp5"  # None: perplexity only
+    tasks: str | list[str] | None = "amp5"  # None, "none" or []: perplexity only
     limit: int | None = None  # first `limit` documents of every task
     eval_batch_size: int = 8
-    ppl: str = "wiki"
+    ppl: str | list[str] = "wiki"  # one text
     ppl_seq_len: int = 512
     ppl_windows: int | None = None
     keep_checkpoints: bool = False  # keep every run's checkpoint under OUT/runs/
     dtype: str | None = None
     device: str | None = None
     progress: bool = True
+
+    def check(self) -> None:
+        """The checks that need no model (and the lists normalised: tasks comma-joined, one perplexity text)."""
+        tasks = self.tasks.split(",") if isinstance(self.tasks, str) else list(self.tasks or [])
+        self.tasks = ",".join(t for t in tasks if t and t != "none") or None
+        texts = self.ppl.split(",") if isinstance(self.ppl, str) else list(self.ppl)
+        if len(texts) != 1:
+            raise AmpruneError(f"compare measures perplexity on one text (--ppl), got {len(texts)}: {','.join(texts)}")
+        self.ppl = texts[0]
+        if not self.scorers or not self.ratios:
+            raise AmpruneError("give at least one scorer (--scorers) and one ratio (--ratios)")
+        check_scorers(self.scorers, self.correction == "refit-one-pass")
+        if self.correction not in CORRECTIONS or self.correction == "bias":
+            choices = ", ".join(c for c in CORRECTIONS if c != "bias")
+            raise AmpruneError(f"compare --correction must be one of: {choices} (got '{self.correction}')")
+        if self.tasks:
+            from .evaluation import resolve_tasks
+
+            resolve_tasks(self.tasks)
+        for flag, value in (("--limit", self.limit), ("--batch-size", self.batch_size),
+                            ("--eval-batch-size", self.eval_batch_size)):
+            if value is not None and value <= 0:
+                raise AmpruneError(f"{flag} must be positive, got {value}")
+        for ratio in self.ratios:
+            check_ratios(ratio, None, None)
+        parse_dtype(self.dtype)
 
 
 def default_evaluate(request: CompareRequest) -> Evaluate:
@@ -104,31 +130,10 @@ def _duration(seconds: float) -> str:
     return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
 
 
-def check_compare(request: CompareRequest) -> None:
-    """The checks that need no model."""
-    if not request.scorers or not request.ratios:
-        raise AmpruneError("give at least one scorer (--scorers) and one ratio (--ratios)")
-    check_scorers(request.scorers, request.correction == "refit-one-pass")
-    if request.correction not in CORRECTIONS or request.correction == "bias":
-        choices = ", ".join(c for c in CORRECTIONS if c != "bias")
-        raise AmpruneError(f"compare --correction must be one of: {choices} (got '{request.correction}')")
-    if request.tasks:
-        from .evaluation import resolve_tasks
-
-        resolve_tasks(request.tasks)
-    for flag, value in (("--limit", request.limit), ("--batch-size", request.batch_size),
-                        ("--eval-batch-size", request.eval_batch_size)):
-        if value is not None and value <= 0:
-            raise AmpruneError(f"{flag} must be positive, got {value}")
-    for ratio in request.ratios:
-        check_ratios(ratio, None, None)
-    parse_dtype(request.dtype)
-
-
 def run_compare(request: CompareRequest, evaluate: Evaluate | None = None) -> dict:
     """Prune every (scorer, ratio) pair in one pass, evaluate each and write OUT/compare.{json,md} and plots."""
     # Fail before the expensive part: scorers, ratios, tasks and the output folder.
-    check_compare(request)
+    request.check()
     calib_text = read_calibration(request.calib, request.samples, request.seq_len)
     info = describe_model(request.model)  # converts a .gguf (once)
     budgets = {ratio: info.budget(request.gqa_mode, ratio=ratio) for ratio in request.ratios}

@@ -32,7 +32,7 @@ from .models.loading import (
     resolve_device,
     resolve_model,
 )
-from .plan import Budget, Plan, UnitParams, check_ratios, make_budget
+from .plan import GQA_MODES, Budget, Plan, UnitParams, check_ratios, make_budget
 from .recipes import Recipe, resolve
 from .resources import peak_memory, reset_peak_memory
 from .scoring import SCORERS, Needs
@@ -82,6 +82,28 @@ class PruneRequest:
         """The recipe with this request's explicit values in place of its own."""
         return resolve(self.recipe, scorer=self.scorer, correction=self.correction, allocation=self.allocation,
                        calib=self.calib, samples=self.samples, round_to=self.round_to, heldout=self.heldout)
+
+    def check(self) -> Recipe:
+        """The checks that need no model: options, ratios, scorer, output folder. Returns the resolved recipe."""
+        recipe = self.resolved()
+        if recipe.correction not in CORRECTIONS:
+            raise AmpruneError(f"unknown --correction '{recipe.correction}'; choose one of: {', '.join(CORRECTIONS)}")
+        if self.hidden_states not in PLACES:
+            raise AmpruneError(f"unknown --hidden-states '{self.hidden_states}'; choose one of: {', '.join(PLACES)}")
+        if self.gqa_mode not in GQA_MODES:
+            raise AmpruneError(f"unknown --gqa-mode '{self.gqa_mode}'; choose one of: {', '.join(GQA_MODES)}")
+        for flag, value in (("--batch-size", self.batch_size), ("--round-to", recipe.round_to),
+                            ("--seq-len", self.seq_len), ("--samples", recipe.samples)):
+            if value <= 0:
+                raise AmpruneError(f"{flag} must be positive, got {value}")
+        if recipe.heldout < 0:
+            raise AmpruneError(f"--heldout must be zero or more, got {recipe.heldout}")
+        parse_dtype(self.dtype)
+        check_ratios(self.ratio, self.head_ratio, self.mlp_ratio)
+        check_scorers([recipe.scorer], recipe.correction == "refit-one-pass")
+        if self.out is not None:
+            check_output_dir(self.out, self.overwrite)
+        return recipe
 
 
 @dataclass
@@ -144,26 +166,6 @@ def describe_model(model: str | None, bias_compensation: bool = False) -> ModelI
     return ModelInfo(source, config, family, dims, total_params, units)
 
 
-def check_request(request: PruneRequest) -> Recipe:
-    """The checks that need no model: options, ratios, scorer, output folder. Returns the resolved recipe."""
-    recipe = request.resolved()
-    if recipe.correction not in CORRECTIONS:
-        raise AmpruneError(f"unknown --correction '{recipe.correction}'; choose one of: {', '.join(CORRECTIONS)}")
-    if request.hidden_states not in PLACES:
-        raise AmpruneError(f"unknown --hidden-states '{request.hidden_states}'; choose one of: {', '.join(PLACES)}")
-    for flag, value in (("--batch-size", request.batch_size), ("--round-to", recipe.round_to)):
-        if value <= 0:
-            raise AmpruneError(f"{flag} must be positive, got {value}")
-    if recipe.heldout < 0:
-        raise AmpruneError(f"--heldout must be zero or more, got {recipe.heldout}")
-    parse_dtype(request.dtype)
-    check_ratios(request.ratio, request.head_ratio, request.mlp_ratio)
-    check_scorers([recipe.scorer], recipe.correction == "refit-one-pass")
-    if request.out is not None:
-        check_output_dir(request.out, request.overwrite)
-    return recipe
-
-
 def open_weights(info: ModelInfo, device: torch.device, dtype: torch.dtype | None, whole: bool):
     """The model's weights as the layer engine reads them: lazily from safetensors, or loaded whole
     (`whole`, or a checkpoint without safetensors). `dtype` None: the checkpoint's own. The config is the
@@ -195,7 +197,7 @@ def prune(request: PruneRequest) -> PruneResult:
     # 1. Validate everything cheap first: what needs no model (options, ratios, scorer, output folder,
     #    calibration source), then what needs its config (family, plan sizes, GQA mode, saved type) and
     #    its tokenizer (text length). Every rank checks it runs the same request.
-    recipe = check_request(request)
+    recipe = request.check()
     device = distributed.local_device(resolve_device(request.device))
     distributed.start(device)
     distributed.check_agreement({k: v for k, v in asdict(request).items() if k not in ("device", "progress")})

@@ -334,6 +334,11 @@ class Plan:
         return cls.from_dict(json.loads(path.read_text()))
 
 
+def load_plan(folder: str | Path) -> Plan:
+    """The plan saved beside a checkpoint written by `amprune prune` (or a path to its amprune_plan.json)."""
+    return Plan.load(folder)
+
+
 def _lowest(scores: torch.Tensor, count: int) -> set[int]:
     # Stable sort: ties are broken by index, so the same scores always give the same plan.
     order = torch.sort(scores, stable=True).indices

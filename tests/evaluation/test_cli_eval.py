@@ -71,11 +71,13 @@ def test_prune_eval_prints_dense_vs_pruned(tmp_path, text_file, calib_text, caps
     assert f"{dense:.3f} | {pruned:.3f} | {pruned - dense:+.3f}" in table
 
 
-def test_prune_eval_limit_needs_eval(tmp_path, calib_text, capsys):
+def test_prune_limits_need_tasks_or_texts(tmp_path, calib_text, capsys, caplog):
     folder = save_tiny(tmp_path / "dense", "llama_gqa")
-    code, _, err = run(["prune", "--recipe", "paper", "--model", folder, "--ratio", "0.3", "--out", str(tmp_path / "p"),
-                        "--eval-limit", "3"], capsys)
-    assert code == 2 and err == "amprune: error: --eval-limit needs --eval\n"
+    for extra in (["--limit", "3"], ["--eval-limit", "3"]):  # the latter: the deprecated name of both limits
+        code, _, err = run(["prune", "--recipe", "paper", "--model", folder, "--ratio", "0.3", "--out",
+                            str(tmp_path / "p"), *extra], capsys)
+        assert code == 2 and err.endswith("amprune: error: --limit and --ppl-windows go with --tasks or --ppl\n")
+    assert "--eval-limit is deprecated: use --limit and --ppl-windows" in caplog.text
 
 
 @pytest.mark.parametrize(
@@ -84,9 +86,9 @@ def test_prune_eval_limit_needs_eval(tmp_path, calib_text, capsys):
         (["--tasks", "arc_easy,squad"], "unknown task 'squad'; available: arc_challenge, arc_easy, winogrande, piqa, "
          "hellaswag, boolq, openbookqa; aliases: amp5 = arc_challenge+arc_easy+winogrande+piqa+hellaswag; "
          "all7 = arc_challenge+arc_easy+winogrande+piqa+hellaswag+boolq+openbookqa"),
-        (["--limit", "0"], "--limit must be a positive number of documents, got 0"),
+        (["--limit", "0"], "argument --limit: must be positive, got 0"),
         (["--ppl", "missing.txt"], "perplexity text not found: missing.txt (use c4 or wiki, or a .txt file)"),
-        (["--batch-size", "0"], "--batch-size must be positive, got 0"),
+        (["--eval-batch-size", "0"], "argument --eval-batch-size: must be positive, got 0"),
         (["--ppl", "wiki", "--ppl-seq-len", "1"], "--ppl-seq-len must be at least 2 tokens, got 1"),
     ],
 )

@@ -115,11 +115,11 @@ def task_manager(include_path: str | Path | None = None) -> Iterator[object]:
         yield TaskManager(include_path=str(folder), include_defaults=False)
 
 
-def check_options(limit: int | None, batch_size: int, limit_option: str = "--limit") -> None:
+def check_options(limit: int | None, batch_size: int) -> None:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
-        raise AmpruneError(f"{limit_option} must be a positive number of documents, got {limit}")
+        raise AmpruneError(f"--limit must be a positive number of documents, got {limit}")
     if batch_size <= 0:
-        raise AmpruneError(f"--batch-size must be positive, got {batch_size}")
+        raise AmpruneError(f"--eval-batch-size must be positive, got {batch_size}")
 
 
 def run_lm_eval(
