@@ -326,10 +326,16 @@ class _Progress:
         self.calls[work][index].append(seconds)
         self._advance(seconds)
 
+    def round_starts(self, work: int, rounds: _Rounds) -> None:
+        if rounds.done < self.request.warmup:
+            what = "warm-up"
+        else:
+            most = "" if self.request.min_runs == self.request.runs else "≤"
+            what = f"timed round {len(rounds.times[0]) + 1}/{most}{self.request.runs}"
+        self.bar.set_postfix_str(f"{self.names[work]}, {what}")
+
     def round_done(self, work: int, rounds: _Rounds) -> None:
         self.rounds_left[work] = self.request.warmup + self.request.runs - rounds.done
-        timed = f"{len(rounds.times[0])}/≤{self.request.runs} timed"
-        self.bar.set_postfix_str(f"{self.names[work]}, {timed}", refresh=False)
         self._estimate()
 
     def stopped(self, work: int) -> None:
@@ -371,14 +377,17 @@ def _measure(works: list[Workload], models: list, prompts: torch.Tensor, pad_id:
     """Every workload's rounds and why they ended. The pilot first: one round of every workload."""
     rounds = [_Rounds([partial(work.run, model, prompts, pad_id) for model in models], request.warmup)
               for work in works]
-    for index, workload in enumerate(rounds):  # the pilot
+    def one_round(index: int, workload: _Rounds) -> None:
+        progress.round_starts(index, workload)
         workload.run(device, partial(progress.call, index))
         progress.round_done(index, workload)
+
+    for index, workload in enumerate(rounds):  # the pilot
+        one_round(index, workload)
     ended = []
     for index, workload in enumerate(rounds):
         while (reason := _stop_reason(workload.times, request)) is None:
-            workload.run(device, partial(progress.call, index))
-            progress.round_done(index, workload)
+            one_round(index, workload)
         progress.stopped(index)
         ended.append((workload, reason))
     return ended
