@@ -22,7 +22,7 @@ LLAMACPP_EXTRACTED := $(LLAMACPP_SRC)/.extracted-$(LLAMACPP_VERSION)
 LLAMACPP_TOOLS := llama-quantize llama-bench llama-perplexity llama-debug
 LLAMACPP_BUILT := $(LLAMACPP)/bin/.built-$(LLAMACPP_VERSION)
 
-.PHONY: setup demo test lint clean llamacpp
+.PHONY: setup demo test test-fast lint clean llamacpp
 
 setup: $(STAMP) $(LLAMACPP_EXTRACTED)
 
@@ -62,6 +62,10 @@ demo: $(STAMP)
 
 test: $(STAMP) $(LLAMACPP_EXTRACTED)
 	$(PY) -m pytest -q
+
+# The suite without the tests on the real packaged models (marked `real`): a minute or two.
+test-fast: $(STAMP) $(LLAMACPP_EXTRACTED)
+	$(PY) -m pytest -q -m "not real"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -28,8 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from amprune.benchmark import BenchRequest, bench, speedup_text, summary
+from amprune.benchmark import BenchRequest, bench
 from amprune.pipeline import PruneRequest, prune
+from amprune.report import speedup_text, summary
 
 VARIANTS = {  # folder name → how it is pruned
     "amp20-query": dict(ratio=0.2, gqa_mode="query"),

@@ -4,7 +4,9 @@
    machine's RAM (default: hidden 5120, 40 layers, 40 query / 8 KV heads, MLP 13824, the packaged
    SmolLM2 tokenizer's 49152-token vocabulary: 13.2 B parameters, 26.4 GB), written layer by layer in
    5 GB shards through amprune's own shard writer (so generating it never holds it either).
-2. `amprune prune --model SYNTH --ratio 0.3 …` in a fresh process, with a small calibration set: the
+2. `amprune prune --model SYNTH --ratio 0.3 --recipe paper …` (`--recipe` is a flag: the default recipe's
+   search and obs re-fit are float64 work sized for a GPU at this scale) in a fresh process, with a small
+   calibration set: the
    engine reads one layer at a time, writes the pruned layers into the output's shards, then reloads
    the result with stock transformers (accelerate's device map, most of it offloaded to disk) and
    compares a probe's logits with its own.
@@ -94,6 +96,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--ratio", type=float, default=0.3)
+    parser.add_argument("--recipe", default="paper")
     parser.add_argument("--keep", action="store_true", help="keep the generated and pruned checkpoints")
     args = parser.parse_args()
     work = Path(args.work)
@@ -114,6 +117,7 @@ def main() -> None:
         print(f"checkpoint: {size / GIB:.1f} GiB in {len(list(synth.glob('*.safetensors')))} shards "
               f"(RAM {psutil.virtual_memory().total / GIB:.1f} GiB)", flush=True)
         command = [sys.executable, "-m", "amprune", "prune", "--model", str(synth), "--ratio", str(args.ratio),
+                   "--recipe", args.recipe,
                    "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--out", str(pruned), "--overwrite"]
         started = time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True)

@@ -22,11 +22,11 @@ from amprune.benchmark import (
     _workload_result,
     bench,
     median_interval,
-    summary,
     workloads,
 )
 from amprune.errors import AmpruneError
 from amprune.flops import ModelCost
+from amprune.report import summary
 
 SMALL = dict(gen_prompt=4, new_tokens=4, prefill_len=8, batch_sizes=[1, 3])
 
@@ -37,15 +37,15 @@ def tiny_folder(tmp_path_factory):
 
 
 def test_model_against_itself(tiny_folder, tmp_path):
-    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"  # the chart's default path
     threads = torch.get_num_threads()
-    returned = bench(BenchRequest(models=[tiny_folder], baseline=tiny_folder, out=str(out), png=str(png), threads=1,
+    returned = bench(BenchRequest(models=[tiny_folder], baseline=tiny_folder, out=str(out), threads=1,
                                   protocol="paper", warmup=1, runs=11, progress=False, **SMALL))
     assert torch.get_num_threads() == threads  # restored
     result = json.loads(out.read_text())
     assert result == json.loads(json.dumps(returned))
     assert result["environment"]["torch_threads"] == 1
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and result["png"] == str(png)
     assert result["protocol"] == {  # the resolved values: paper's, with --warmup and --runs replacing its own
         "baseline": tiny_folder, "protocol": "paper", "gen_prompt": 4, "new_tokens": 4, "prefill_len": 8,
         "batch_sizes": [1, 3], "warmup": 1, "runs": 11, "min_runs": 11, "tolerance": 0.0, "memory": True,

@@ -1,7 +1,11 @@
-"""Human-readable summaries of a plan (used by `prune` and `inspect`)."""
+"""Human-readable summaries: of a plan (`prune`, `inspect`) and of a benchmark (`bench`: table and chart)."""
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
+from .errors import AmpruneError
 from .plan import Plan
 from .streams import human_bytes
 
@@ -84,3 +88,99 @@ def run_summary(plan: Plan, seconds: dict[str, float], memory: dict) -> str:
     """The plan summary plus wall time per step and memory."""
     steps = " · ".join(f"{name} {value:.1f} s" for name, value in seconds.items())
     return f"{plan_summary(plan)}\ntime: {steps}\n{memory_summary(memory)}"
+
+
+def speedup_text(speedup: dict[str, float]) -> str:
+    """A paired speedup as "median× [p25–p75]"."""
+    return f"{speedup['median']:.3f}× [{speedup['p25']:.3f}–{speedup['p75']:.3f}]"
+
+
+def _mib(nbytes: int | None) -> str:
+    return "n/a" if nbytes is None else f"{nbytes / 2**20:,.1f} MiB"
+
+
+def summary(result: dict) -> str:
+    """One table per measured model: every workload against the baseline, then sizes and memory."""
+    base = result["models"][0]
+    header = ("workload", "baseline", "model", "speedup [p25–p75]", "fastest runs", "ideal (FLOPs)",
+              "of ideal")
+    blocks = []
+    for index, model in enumerate(result["models"][1:], start=1):
+        rows: list[tuple[str, ...]] = []
+        for work in result["workloads"]:
+            b, m = work["results"][0], work["results"][index]
+            rows.append((
+                work["name"], f"{b['tokens_per_s']:,.1f} tok/s", f"{m['tokens_per_s']:,.1f} tok/s",
+                speedup_text(m["speedup"]), f"{m['speedup_of_fastest']:.3f}×",
+                f"{m['ideal_speedup']:.3f}×", f"{m['fraction_of_ideal']:.0%}",
+            ))
+            if work["new_tokens"]:
+                latency = [f"{r['seconds']['median']:.3f} s" for r in (b, m)]
+                rows.append(("  latency (median)", *latency))
+                rows.append(("  decode (cached steps)", f"{b['decode']['tokens_per_s']:,.1f} tok/s",
+                             f"{m['decode']['tokens_per_s']:,.1f} tok/s", speedup_text(m["decode"]["speedup"])))
+        bc, mc = base["cost"], model["cost"]
+        rows += [
+            ("parameters", f"{bc['params']:,}", f"{mc['params']:,}", f"{mc['params'] / bc['params']:.1%}"),
+            ("weight bytes", _mib(bc["weight_bytes"]), _mib(mc["weight_bytes"])),
+            ("KV cache / token", f"{bc['kv_bytes_per_token']:,} B", f"{mc['kv_bytes_per_token']:,} B"),
+            ("peak memory", _mib(base["peak_memory_bytes"]), _mib(model["peak_memory_bytes"])),
+        ]
+        rows = [header] + [row + ("",) * (len(header) - len(row)) for row in rows]
+        blocks.append(f"{model['source']} vs baseline {base['source']}\n{table(rows)}")
+    env = result["environment"]
+    blocks.append(f"{env['device']}, {env['dtype']}, {env['torch_threads']} thread(s); {_rounds_text(result)}; "
+                  f"{env['date']}")
+    return "\n\n".join(blocks)
+
+
+def _rounds_text(result: dict) -> str:
+    """The protocol's rounds; with early stopping, how many each workload ran and how sure its median is."""
+    proto, works = result["protocol"], result["workloads"]
+    if "rounds" not in works[0]:  # written before protocols: fixed rounds
+        return f"{proto['warmup']} warm-up + {proto['runs']} timed rounds per workload, models alternating"
+    if not (proto["tolerance"] > 0 and proto["min_runs"] < proto["runs"]):
+        plan = f"{proto['runs']} timed rounds"
+        return f"{proto['protocol']} protocol: {proto['warmup']} warm-up + {plan} per workload, models alternating"
+    ran = ", ".join(
+        f"{w['name']} {w['rounds']['timed']}"
+        + (f" (±{w['rounds']['median_interval']:.1%})" if w["rounds"]["stop"] == "tolerance" else " (the most)")
+        for w in works
+    )
+    return (f"{proto['protocol']} protocol: {proto['warmup']} warm-up + {proto['min_runs']}–{proto['runs']} timed "
+            f"rounds per workload, models alternating, until every speedup's median is known to "
+            f"±{proto['tolerance']:.0%}; timed rounds run: {ran}")
+
+
+def has_matplotlib() -> bool:
+    """Whether the bar chart can be drawn (matplotlib is the optional `amprune[plot]` dependency)."""
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def require_matplotlib() -> None:
+    if not has_matplotlib():
+        raise AmpruneError("--png needs matplotlib: pip install 'amprune[plot]'")
+
+
+def plot(result: dict, path: str) -> None:
+    """One panel per workload: speedup bars (baseline = 1, median with quartiles), ideal dashed."""
+    from matplotlib.figure import Figure  # the object API renders with Agg, no global backend state
+
+    works, models = result["workloads"], result["models"]
+    fig = Figure(figsize=(max(2.6 * len(works), 5.0), 4.0), layout="constrained")
+    axes = fig.subplots(1, len(works), squeeze=False, sharey=True)[0]
+    labels = ["baseline"] + [Path(m["source"]).name or m["source"] for m in models[1:]]
+    for ax, work in zip(axes, works, strict=True):
+        ax.bar(0, 1.0, color="C0", label=labels[0])
+        for i, entry in enumerate(work["results"][1:], start=1):
+            s = entry["speedup"]
+            ax.bar(i, s["median"], yerr=[[s["median"] - s["p25"]], [s["p75"] - s["median"]]], capsize=3,
+                   color=f"C{i}", label=labels[i])
+            ax.hlines(entry["ideal_speedup"], i - 0.4, i + 0.4, colors="black", linestyles="--",
+                      label="ideal (FLOPs)" if i == 1 else None)
+        ax.set_title(f"{work['name']}\nbaseline {work['results'][0]['tokens_per_s']:,.1f} tok/s", fontsize=8)
+        ax.set_xticks([])
+    axes[0].set_ylabel("speedup over the baseline (×)")
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", ncol=min(len(names), 3), fontsize=8)
+    fig.savefig(path, dpi=120)
