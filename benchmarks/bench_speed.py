@@ -51,7 +51,7 @@ def prune_all(work: Path) -> dict[str, str]:
     for name, how in VARIANTS.items():
         out = work / name
         if not (out / "amprune_plan.json").is_file():
-            prune(PruneRequest(out=str(out), samples=16, seq_len=256, progress=False, **how))
+            prune(PruneRequest(out=str(out), recipe="paper", samples=16, seq_len=256, progress=False, **how))
         folders[name] = str(out)
     return folders
 

@@ -64,7 +64,8 @@ def main() -> None:
     del dense
     for ratio in args.ratios:
         with tempfile.TemporaryDirectory(prefix="gemma-prune-") as folder:
-            cli = ["amprune", "prune", "--model", MODEL, "--ratio", str(ratio), "--samples", str(args.samples),
+            cli = ["amprune", "prune", "--recipe", "paper", "--model", MODEL, "--ratio", str(ratio), "--samples",
+                   str(args.samples),
                    "--seq-len", str(args.seq_len), "--out", folder]
             print("$", " ".join(cli), flush=True)
             tick = time.perf_counter()

@@ -8,7 +8,7 @@ so that edits in the working tree cannot reach them:
   and once with the engine (`--after`, a commit), alternating (the order reverses every other round).
   Records wall time and the peak RSS each command reports (its own `ru_maxrss`), and compares the two
   checkpoints: the same keep lists, and the largest absolute difference over all saved tensors.
-- `ranks`: the engine's default command in one process (2 threads) and under `torchrun` with 2 gloo
+- `ranks`: the engine's `--recipe paper` command in one process (2 threads) and under `torchrun` with 2 gloo
   ranks (1 thread each), alternating: calibration tokens per second of the pruning pass.
 
 Usage:
@@ -37,10 +37,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from reconstruction import machine  # noqa: E402
 
-RECIPES = {  # the same commands in the flags of each version
-    "default": ([], []),
+RECIPES = {  # the same commands in the flags of each version (the engine's with recipes: --recipe paper)
+    "default": ([], ["--recipe", "paper"]),
     "best": (["--reconstruct", "--one-pass", "--scorer", "obs", "--calib", "c4,wiki", "--samples", "144"],
-             ["--correction", "refit-one-pass", "--scorer", "obs", "--calib", "c4,wiki", "--samples", "144"]),
+             ["--recipe", "paper", "--correction", "refit-one-pass", "--scorer", "obs", "--calib", "c4,wiki",
+              "--samples", "144"]),
 }
 
 
@@ -116,11 +117,12 @@ def pass_same(args, work: Path) -> dict:
 
 def pass_ranks(args, work: Path) -> dict:
     source = snapshot(args.after, work)
+    flags = RECIPES["default"][1]
     rows = {1: [], 2: []}
     for round_ in range(args.rounds):
         for ranks in ([1, 2] if round_ % 2 == 0 else [2, 1]):
             env = env_for(source, args.threads // ranks)
-            run = timed(prune_command(source, [], work / f"ranks-{ranks}", ranks), env)
+            run = timed(prune_command(source, flags, work / f"ranks-{ranks}", ranks), env)
             pass_seconds = float(re.search(r"prune ([\d.]+) s", run["stdout"]).group(1))
             tokens = int(re.search(r"\((\d+) tokens\)", run["stdout"]).group(1))
             rows[ranks].append({"seconds": run["seconds"], "pass_seconds": pass_seconds,

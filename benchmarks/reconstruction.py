@@ -40,11 +40,11 @@ from amprune.plan import Plan
 from amprune.surgery import apply_plan
 
 ROOT = Path(__file__).resolve().parent.parent
-# build key: (variant, extra `amprune prune --reconstruct` flags); the checkpoint goes to WORK/KEY-RATIO
+# build key: (variant, extra `amprune prune --recipe paper` flags); the checkpoint goes to WORK/KEY-RATIO
 BUILDS = {
-    "rec": ("amp+rec", []),
-    "rec1": ("amp+rec one-pass", ["--one-pass"]),  # AMP scored on the pruned stream, in the same pass
-    "obs1": ("obs+rec one-pass", ["--one-pass", "--scorer", "obs"]),  # units chosen by the re-fit's error
+    "rec": ("amp+rec", ["--correction", "refit"]),
+    "rec1": ("amp+rec one-pass", ["--correction", "refit-one-pass"]),  # AMP scored on the pruned stream
+    "obs1": ("obs+rec one-pass", ["--correction", "refit-one-pass", "--scorer", "obs"]),  # the re-fit's error decides
 }
 # recovery key: extra `amprune recover` flags; from build B: variant "VARIANT(B)+KEY", folder WORK/B-KEY-RATIO
 RECOVERIES = {"lora": [], "distill": ["--distill"]}
@@ -325,8 +325,8 @@ def main() -> None:
         steps = results["steps"][str(ratio)] = {}
         for build in builds(args):
             variant, flags = BUILDS[build]
-            steps[variant] = run_step(["prune", "--ratio", str(ratio), "--calib", args.calib, "--samples",
-                                       str(args.samples), "--reconstruct", *flags,
+            steps[variant] = run_step(["prune", "--recipe", "paper", "--ratio", str(ratio), "--calib", args.calib,
+                                       "--samples", str(args.samples), *flags,
                                        "--out", str(work / f"{build}-{ratio}"), "--overwrite"])
             save()
         bound = [] if args.max_steps is None else ["--max-steps", str(args.max_steps)]
