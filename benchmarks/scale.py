@@ -1,9 +1,9 @@
 """Pruning a model larger than this machine's memory, end to end, with the layer engine.
 
 1. Generate a LLaMA-architecture checkpoint with random bfloat16 weights whose safetensors exceed the
-   machine's RAM (default: hidden 5120, 40 layers, 40 query / 8 KV heads, MLP 13824, the packaged
-   SmolLM2 tokenizer's 49152-token vocabulary: 13.2 B parameters, 26.4 GB), written layer by layer in
-   5 GB shards through amprune's own shard writer (so generating it never holds it either).
+   machine's RAM (default: hidden 5120, 48 layers, 40 query / 8 KV heads, MLP 13824, untied, the packaged
+   SmolLM2 tokenizer's 49152-token vocabulary: 13.7 B parameters, 27.4 GB = 25.5 GiB), written layer by
+   layer in 5 GB shards through amprune's own shard writer (so generating it never holds it either).
 2. `amprune prune --model SYNTH --ratio 0.3 --recipe paper …` (`--recipe` is a flag: the default recipe's
    search and obs re-fit are float64 work sized for a GPU at this scale) in a fresh process, with a small
    calibration set: the
@@ -15,7 +15,7 @@
 4. Delete the generated and the pruned checkpoints.
 
 Usage: python benchmarks/scale.py [--work /var/tmp/amprune-scale] [--json benchmarks/results/scale.json]
-       [--hidden 5120 --layers 40 --heads 40 --kv-heads 8 --intermediate 13824] [--samples 8 --seq-len 128]
+       [--hidden 5120 --layers 48 --heads 40 --kv-heads 8 --intermediate 13824] [--samples 8 --seq-len 128]
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--work", default="/var/tmp/amprune-scale")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "scale.json"))
     parser.add_argument("--hidden", type=int, default=5120)
-    parser.add_argument("--layers", type=int, default=40)
+    parser.add_argument("--layers", type=int, default=48)
     parser.add_argument("--heads", type=int, default=40)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--intermediate", type=int, default=13824)
