@@ -263,6 +263,7 @@ def prune(request: PruneRequest) -> PruneResult:
             writer.abort()
         raise
     seconds["prune"] = time.perf_counter() - tick
+    memory = _memory(report, source)  # the engine's peak, before the reload check
     plan = Plan(dims=dims, budget=budget, layers=result.layers, versions=package_versions(), settings={
         "recipe": request.recipe,
         "method": recipe.scorer,
@@ -285,6 +286,7 @@ def prune(request: PruneRequest) -> PruneResult:
         "dtype": str(source.stored_dtype).removeprefix("torch."),
         "compute_dtype": report.compute_dtype,
         "world_size": report.world_size,
+        "memory": memory,
         "reconstruction": {"damping": settings.damping, "relative_calibration_error": result.errors}
         if recipe.correction.startswith("refit") else None,
     })
@@ -301,12 +303,11 @@ def prune(request: PruneRequest) -> PruneResult:
             logger.info("reloaded %s with stock from_pretrained: max logit diff %.2g", out, diff)
         seconds["save"] = time.perf_counter() - tick
     seconds["total"] = time.perf_counter() - started
-    memory = _memory(report, source, info)
     model = source.model if settings.keep_layers else None
     return PruneResult(plan, out, model, tokenizer, seconds, memory)
 
 
-def _memory(report: Report, source, info: ModelInfo) -> dict:
+def _memory(report: Report, source) -> dict:
     return {"peak": peak_memory(), "model_bytes": source.stored_bytes, "hidden_bytes": report.hidden_bytes,
             "hidden_place": report.hidden_place, "compute_dtype": report.compute_dtype,
             "dtype": str(source.stored_dtype).removeprefix("torch."), "world_size": report.world_size}

@@ -68,6 +68,8 @@ def plan_summary(plan: Plan) -> str:
             + (f" + {settings['heldout_samples']} held out" if settings.get("heldout_samples") else "")
             + f", seed {settings.get('seed')}"
         )
+    if settings.get("memory"):
+        lines.append(memory_summary(settings["memory"]))
     return "\n".join(lines)
 
 
@@ -84,10 +86,10 @@ def memory_summary(memory: dict) -> str:
     return line
 
 
-def run_summary(plan: Plan, seconds: dict[str, float], memory: dict) -> str:
-    """The plan summary plus wall time per step and memory."""
+def run_summary(plan: Plan, seconds: dict[str, float]) -> str:
+    """The plan summary (memory included) plus wall time per step."""
     steps = " · ".join(f"{name} {value:.1f} s" for name, value in seconds.items())
-    return f"{plan_summary(plan)}\ntime: {steps}\n{memory_summary(memory)}"
+    return f"{plan_summary(plan)}\ntime: {steps}"
 
 
 def speedup_text(speedup: dict[str, float]) -> str:

@@ -127,7 +127,7 @@ def run_prune(args) -> None:
     result = prune(request(PruneRequest, args))
     if distributed.rank() != 0:
         return
-    print(run_summary(result.plan, result.seconds, result.memory))
+    print(run_summary(result.plan, result.seconds))
     print(f"saved: {result.out}  (loads with AutoModelForCausalLM.from_pretrained)")
     dense_source = resolve_model(args.model)
     if evaluation is not None:
