@@ -13,6 +13,7 @@ so that edits in the working tree cannot reach them:
 
 Usage:
   python benchmarks/layer_engine.py --before 25d6d0e --after HEAD [--rounds 2] [--passes same,ranks]
+      [--recipes default,best]
       [--json benchmarks/results/layer_engine.json]
 """
 
@@ -95,7 +96,7 @@ def env_for(source: Path, threads: int) -> dict:
 def pass_same(args, work: Path) -> dict:
     versions = {"before": snapshot(args.before, work), "after": snapshot(args.after, work)}
     results = {}
-    for recipe, (old_flags, new_flags) in RECIPES.items():
+    for recipe, (old_flags, new_flags) in ((r, RECIPES[r]) for r in args.recipes.split(",")):
         rows = {"before": [], "after": []}
         for round_ in range(args.rounds):
             order = ["before", "after"] if round_ % 2 == 0 else ["after", "before"]
@@ -140,6 +141,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="torch threads in all (split over the ranks)")
     parser.add_argument("--passes", default="same,ranks")
+    parser.add_argument("--recipes", default="default,best", help="which commands the `same` pass compares")
     parser.add_argument("--work", default=None, help="folder for snapshots and checkpoints (default: a temporary one)")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "layer_engine.json"))
     args = parser.parse_args()
