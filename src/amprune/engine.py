@@ -284,6 +284,7 @@ class LayerEngine:
         dense = new_stream() if self.dense_needed else None
         states = [_RunState(run, RunResult(), new_stream() if run.own_stream else None, probe_first[0],
                             self._chooser(run)) for run in self.runs]
+        first.clear()  # the streams hold their own copies
         generator = torch.Generator().manual_seed(settings.seed)
         for state in states:
             if state.run.writer is not None:

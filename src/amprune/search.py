@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from . import distributed
 from .allocation import Allocation, AngularDistance, allocations, budget, layers_to_drop
 from .calibration import CalibrationSet
 from .engine import LayerEngine, Run, Settings
@@ -77,6 +78,9 @@ def check_heldout(calib: CalibrationSet) -> None:
         raise AmpruneError(f"the allocation search needs at least {MIN_HELDOUT_TOKENS} held-out calibration tokens "
                            f"to rank its candidates, got {tokens}; raise --heldout (or --seq-len), or use "
                            "--allocation uniform")
+    if len(calib.heldout) < distributed.world_size():
+        raise AmpruneError(f"the allocation search needs a held-out sample for each of the "
+                           f"{distributed.world_size()} ranks, got {len(calib.heldout)}; raise --heldout")
 
 
 def _heldout_batch(calib: CalibrationSet) -> torch.Tensor:
