@@ -24,6 +24,7 @@ from torch import nn
 
 from .errors import AmpruneError
 from .models import Family, get_family
+from .resources import return_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -216,8 +217,9 @@ class Checkpoint:
         return layer.eval()
 
     def release_layer(self, index: int) -> None:
-        """Return layer `index`'s tensors to the meta device (frees them)."""
+        """Return layer `index`'s tensors to the meta device (frees them, and hands their pages back)."""
         self.family.decoder_layers(self.model)[index].to("meta")
+        return_freed_memory()
 
 
 class InMemory:
