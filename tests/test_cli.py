@@ -244,6 +244,7 @@ INVALID = [  # (argv, the one line): unknown choices, malformed lists, negative 
     (["prune", "--out", "o", "--correction", "refit2"], "argument --correction: invalid choice: 'refit2'"),
     (["prune", "--out", "o", "--samples", "-1"], "argument --samples: must be positive, got -1"),
     (["prune", "--out", "o", "--heldout", "-2"], "argument --heldout: must be zero or more, got -2"),
+    (["prune", "--out", "o", "--max-dropped", "-1"], "argument --max-dropped: must be zero or more, got -1"),
     (["prune", "--out", "o", "--ratio", "2"], "argument --ratio: must be in [0, 1), got 2"),
     (["prune", "--out", "o", "--ratio", "0.3", "--head-ratio", "0.2"], "give either --ratio or "
      "--head-ratio/--mlp-ratio, not both"),

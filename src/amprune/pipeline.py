@@ -66,6 +66,7 @@ class PruneRequest:
     samples: int | None = None
     round_to: int | None = None  # keep a multiple of this many neurons per layer (1: AMP's exact rule)
     heldout: int | None = None  # held-out calibration samples the allocation search ranks on
+    max_dropped: int | None = None  # the search drops at most this many whole decoder layers
     gqa_mode: str = "query"
     seq_len: int = DEFAULT_SEQ_LEN
     seed: int = 0  # draws calibration samples (and the `random` scorer's scores)
@@ -81,7 +82,8 @@ class PruneRequest:
     def resolved(self) -> Recipe:
         """The recipe with this request's explicit values in place of its own."""
         return resolve(self.recipe, scorer=self.scorer, correction=self.correction, allocation=self.allocation,
-                       calib=self.calib, samples=self.samples, round_to=self.round_to, heldout=self.heldout)
+                       calib=self.calib, samples=self.samples, round_to=self.round_to, heldout=self.heldout,
+                       max_dropped=self.max_dropped)
 
     def check(self) -> Recipe:
         """The checks that need no model: options, ratios, scorer, output folder. Returns the resolved recipe."""
@@ -96,8 +98,9 @@ class PruneRequest:
                             ("--seq-len", self.seq_len), ("--samples", recipe.samples)):
             if value <= 0:
                 raise AmpruneError(f"{flag} must be positive, got {value}")
-        if recipe.heldout < 0:
-            raise AmpruneError(f"--heldout must be zero or more, got {recipe.heldout}")
+        for flag, value in (("--heldout", recipe.heldout), ("--max-dropped", recipe.max_dropped)):
+            if value < 0:
+                raise AmpruneError(f"{flag} must be zero or more, got {value}")
         parse_dtype(self.dtype)
         check_ratios(self.ratio, self.head_ratio, self.mlp_ratio)
         check_scorers([recipe.scorer], recipe.correction == "refit-one-pass")
