@@ -257,7 +257,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int,
                         help="LoRA recovery steps of 512 tokens; 0: no recovery (default: the full --epochs)")
     parser.add_argument("--epochs", type=int, default=2, help="LoRA recovery epochs (default: 2, the paper's)")
-    parser.add_argument("--recover-text", default="c4", help="recovery text(s), `amprune recover --text` (default: c4)")
+    parser.add_argument("--recover-text", default="c4", help="recovery text(s), `recover --calib` (default: c4)")
     parser.add_argument("--one-pass", action="store_true",
                         help="also prune with `--reconstruct --one-pass` (build rec1, variant 'amp+rec one-pass')")
     parser.add_argument("--obs", action="store_true", help="also prune with `--reconstruct --one-pass --scorer obs` "
@@ -333,7 +333,7 @@ def main() -> None:
         for build, kind in recoveries(args):
             steps[recovery_variant(build, kind)] = run_step([
                 "recover", "--model", str(work / f"{build}-{ratio}"), "--out", str(work / f"{build}-{kind}-{ratio}"),
-                *RECOVERIES[kind], "--epochs", str(args.epochs), "--text", args.recover_text, *bound, "--overwrite"])
+                *RECOVERIES[kind], "--epochs", str(args.epochs), "--calib", args.recover_text, *bound, "--overwrite"])
             save()
         for variant in ["amp", *variant_names(args).values()]:
             results["models"][f"{variant}@{ratio}"] = {"ratio": ratio, "variant": variant}

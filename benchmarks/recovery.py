@@ -1,6 +1,6 @@
 """LoRA recovery settings, side by side, from one pruned checkpoint of the packaged SmolLM2-135M-Instruct.
 
-    python benchmarks/recovery.py --model /tmp/amprune-v5/obs1-0.3 --text c4,wiki --max-steps 300 --lrs 1e-3
+    python benchmarks/recovery.py --model /tmp/amprune-v5/obs1-0.3 --calib c4,wiki --max-steps 300 --lrs 1e-3
 
 For every (learning rate, rank) pair `amprune recover` runs as a child process (its wall time, per-step
 times and peak RSS are its own), then the perplexities of the dense model the plan names, the pruned
@@ -42,7 +42,7 @@ def table(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a folder written by `amprune prune` (its plan names the dense)")
-    parser.add_argument("--text", default="c4,wiki", help="recovery text(s), `recover --text` (default: c4,wiki)")
+    parser.add_argument("--calib", default="c4,wiki", help="recovery text(s), `recover --calib` (default: c4,wiki)")
     parser.add_argument("--max-steps", type=int, default=300, help="recovery steps of 512 tokens (default: 300)")
     parser.add_argument("--lrs", default="3e-4", help="learning rates, comma-separated (default: 3e-4, the paper's)")
     parser.add_argument("--ranks", default="8", help="LoRA ranks, comma-separated; alpha = 2 × rank (default: 8)")
@@ -71,7 +71,7 @@ def main() -> None:
     runs = {}
     for lr, rank in itertools.product(args.lrs.split(","), args.ranks.split(",")):
         folder = str(Path(args.work) / f"lr{lr}-r{rank}")
-        flags = ["--text", args.text, "--max-steps", str(args.max_steps), "--lr", lr, "--rank", rank,
+        flags = ["--calib", args.calib, "--max-steps", str(args.max_steps), "--lr", lr, "--rank", rank,
                  "--alpha", str(2 * int(rank))]
         reuse = args.resume and (Path(folder) / "config.json").is_file()  # saved atomically: present = complete
         run = None if reuse else run_step(["recover", "--model", args.model, "--out", folder, *flags, "--overwrite"])
