@@ -10,9 +10,13 @@ For one model and ratio, with the default recipe (or `--recipe`):
    "true" loss of a candidate is the mean log perplexity of the two.
 
 Reported: the proxy's pick, the truly best candidate, how much worse the pick is (its regret), and the
-Spearman correlation of the two rankings. Results: `--json` (and `--report` prints the table).
+Spearman correlation of the two rankings. `--search-samples 8,16` also runs the search with those slice
+sizes (other proxies of the same candidates) and reports each the same way; `--truth JSON` takes steps 2–3
+from an earlier run of the same model, ratio and recipe instead of redoing them (the candidates must be the
+same). Results: `--json` (and `--report` prints the tables).
 
 Usage: python benchmarks/allocation.py --ratio 0.3 [--model smollm2|gemma3-270m] [--json ...]
+       python benchmarks/allocation.py --ratio 0.3 --truth FIRST.json --search-samples 8,16 --json ...
 """
 
 from __future__ import annotations
@@ -58,33 +62,8 @@ def spearman(a: list[float], b: list[float]) -> float:
     return 1 - 6 * sum((x - y) ** 2 for x, y in zip(ra, rb, strict=True)) / (n * (n * n - 1))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=MODELS, default="smollm2")
-    parser.add_argument("--ratio", type=float, default=0.3)
-    parser.add_argument("--recipe", default="default")
-    parser.add_argument("--windows", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--json", default=None)
-    parser.add_argument("--report", action="store_true")
-    args = parser.parse_args()
-    path = Path(args.json or ROOT / "benchmarks" / "results" / f"allocation_{args.model}_{args.ratio:g}.json")
-    if args.report:
-        print(report(json.loads(path.read_text())))
-        return
-    started = datetime.now(timezone.utc)
-    recipe = resolve(args.recipe)
-    info = describe_model(MODELS[args.model])
-    tokenizer = load_tokenizer(info.source)
-    calib = calibration_set(read_calibration(recipe.calib, recipe.samples, 512), tokenizer, recipe.samples, 512, 0,
-                            heldout=recipe.heldout)
-    device = torch.device("cpu")
-    source = open_weights(info, device, None, whole=False)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    settings = Settings(pad_id=pad, save_dtype=source.stored_dtype)
-    tick = time.perf_counter()
-    found = search(source, info, calib, recipe, "query", args.ratio, settings)
-    search_seconds = time.perf_counter() - tick
+def full_evaluations(args, info, source, tokenizer, calib, recipe, settings, found) -> tuple[list[dict], float]:
+    """Every candidate pruned with all the samples in one engine pass, then its held-out perplexities."""
     work = Path(tempfile.mkdtemp(prefix="amprune-allocation-"))
     try:
         runs = []
@@ -106,19 +85,68 @@ def main() -> None:
             ppl = perplexities(model, tok, args.windows, args.seq_len)
             rows.append({"allocation": candidate.allocation.describe(info.dims),
                          "layers_dropped": list(candidate.budget.layers_dropped),
-                         "achieved_fraction": candidate.budget.achieved_fraction, "proxy": candidate.loss, **ppl,
+                         "achieved_fraction": candidate.budget.achieved_fraction, **ppl,
                          "true": (math.log(ppl["ppl_wiki"]) + math.log(ppl["ppl_c4"])) / 2})
             print(json.dumps(rows[-1]), flush=True)
             shutil.rmtree(folder, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    dense = perplexities(*load(info.source), args.windows, args.seq_len)
+    return rows, full_seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=MODELS, default="smollm2")
+    parser.add_argument("--ratio", type=float, default=0.3)
+    parser.add_argument("--recipe", default="default")
+    parser.add_argument("--windows", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--search-samples", default="", help="comma-separated slice sizes of other proxies")
+    parser.add_argument("--truth", default=None, help="reuse the full evaluations of this earlier --json")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--report", action="store_true")
+    args = parser.parse_args()
+    path = Path(args.json or ROOT / "benchmarks" / "results" / f"allocation_{args.model}_{args.ratio:g}.json")
+    if args.report:
+        print(report(json.loads(path.read_text())))
+        return
+    started = datetime.now(timezone.utc)
+    recipe = resolve(args.recipe)
+    info = describe_model(MODELS[args.model])
+    tokenizer = load_tokenizer(info.source)
+    calib = calibration_set(read_calibration(recipe.calib, recipe.samples, 512), tokenizer, recipe.samples, 512, 0,
+                            heldout=recipe.heldout)
+    device = torch.device("cpu")
+    source = open_weights(info, device, None, whole=False)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    settings = Settings(pad_id=pad, save_dtype=source.stored_dtype)
+    tick = time.perf_counter()
+    found = search(source, info, calib, recipe, "query", args.ratio, settings)
+    search_seconds = time.perf_counter() - tick
+    proxies = {str(recipe.search_samples): {"loss": [c.loss for c in found.candidates], "chosen": found.chosen,
+                                            "seconds": search_seconds}}
+    for size in filter(None, args.search_samples.split(",")):
+        tick = time.perf_counter()
+        other = search(source, info, calib, replace(recipe, search_samples=int(size)), "query", args.ratio, settings)
+        proxies[size] = {"loss": [c.loss for c in other.candidates], "chosen": other.chosen,
+                         "seconds": time.perf_counter() - tick}
+    if args.truth:
+        earlier = json.loads(Path(args.truth).read_text())
+        rows, full_seconds = earlier["candidates"], earlier["full_seconds"]
+        described = [(c.allocation.describe(info.dims), list(c.budget.layers_dropped)) for c in found.candidates]
+        if described != [(r["allocation"], r["layers_dropped"]) for r in rows]:
+            raise SystemExit(f"{args.truth} evaluated other candidates than this search's")
+    else:
+        rows, full_seconds = full_evaluations(args, info, source, tokenizer, calib, recipe, settings, found)
+    dense = earlier["dense"] if args.truth else perplexities(*load(info.source), args.windows, args.seq_len)
     result = {"command": "python benchmarks/allocation.py " + " ".join(sys.argv[1:]), "machine": machine(),
               "started": started.strftime("%Y-%m-%d %H:%M UTC"),
               "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "model": args.model,
               "ratio": args.ratio, "recipe": args.recipe, "windows": args.windows, "seq_len": args.seq_len,
               "dense": dense, "search_seconds": search_seconds, "full_seconds": full_seconds,
-              "chosen": found.chosen, "candidates": rows}
+              "chosen": found.chosen, "candidates": [{**row, "proxy": loss} for row, loss in zip(
+                  rows, proxies[str(recipe.search_samples)]["loss"], strict=True)],
+              "search_samples": recipe.search_samples, "heldout": recipe.heldout, "proxies": proxies}
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(report(result))
 
@@ -139,10 +167,14 @@ def report(result: dict) -> str:
         lines.append(f"| {r['allocation']}{mark} | {r['proxy']:.4f} | {r['ppl_wiki']:.2f} "
                      f"({r['ppl_wiki'] / dense['ppl_wiki']:.2f}×) | {r['ppl_c4']:.2f} "
                      f"({r['ppl_c4'] / dense['ppl_c4']:.2f}×) | {order.index(i) + 1} |")
-    regret = math.exp(true[pick] - true[best])
-    lines += ["", f"the proxy picked the truly best candidate: {'yes' if pick == best else 'no'} (its rank: "
-              f"{order.index(pick) + 1} of {len(rows)}; geometric-mean perplexity {regret:.3f}× the best's); "
-              f"Spearman correlation of the rankings {spearman(proxy, true):.2f}"]
+    lines.append("")
+    for size, variant in result["proxies"].items():
+        chosen, losses = variant["chosen"], variant["loss"]
+        regret = math.exp(true[chosen] - true[best])
+        lines.append(f"- proxy on {size} search samples ({variant['seconds']:.0f} s): picked the truly best candidate: "
+                     f"{'yes' if chosen == best else 'no'} (its rank {order.index(chosen) + 1} of {len(rows)}; "
+                     f"geometric-mean perplexity {regret:.3f}× the best's); Spearman correlation of the rankings "
+                     f"{spearman(losses, true):.2f}")
     return "\n".join(lines)
 
 

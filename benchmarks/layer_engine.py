@@ -3,9 +3,10 @@
 Two passes, each command in a fresh process (`python -m amprune prune …`), from `git archive` snapshots
 so that edits in the working tree cannot reach them:
 
-- `same`: the default command (`--ratio 0.3`) and the README's best recipe (one-pass re-fit with the obs
-  scorer on 144 samples of C4 + Wikipedia), once with the code before the engine (`--before`, a commit)
-  and once with the engine (`--after`, a commit), alternating (the order reverses every other round).
+- `same`: the paper's AMP (`--ratio 0.3`, the old default command) and the README's best recipe (one-pass
+  re-fit with the obs scorer on 144 samples of C4 + Wikipedia), once with the code before the engine
+  (`--before`, a commit) and once with the engine (`--after`, a commit), alternating (the order reverses every
+  other round).
   Records wall time and the peak RSS each command reports (its own `ru_maxrss`), and compares the two
   checkpoints: the same keep lists, and the largest absolute difference over all saved tensors.
 - `ranks`: the engine's `--recipe paper` command in one process (2 threads) and under `torchrun` with 2 gloo
@@ -13,7 +14,7 @@ so that edits in the working tree cannot reach them:
 
 Usage:
   python benchmarks/layer_engine.py --before 25d6d0e --after HEAD [--rounds 2] [--passes same,ranks]
-      [--recipes default,best]
+      [--recipes paper,best]
       [--json benchmarks/results/layer_engine.json]
 """
 
@@ -39,7 +40,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from reconstruction import machine  # noqa: E402
 
 RECIPES = {  # the same commands in the flags of each version (the engine's with recipes: --recipe paper)
-    "default": ([], ["--recipe", "paper"]),
+    "paper": ([], ["--recipe", "paper"]),
     "best": (["--reconstruct", "--one-pass", "--scorer", "obs", "--calib", "c4,wiki", "--samples", "144"],
              ["--recipe", "paper", "--correction", "refit-one-pass", "--scorer", "obs", "--calib", "c4,wiki",
               "--samples", "144"]),
@@ -118,7 +119,7 @@ def pass_same(args, work: Path) -> dict:
 
 def pass_ranks(args, work: Path) -> dict:
     source = snapshot(args.after, work)
-    flags = RECIPES["default"][1]
+    flags = RECIPES["paper"][1]
     rows = {1: [], 2: []}
     for round_ in range(args.rounds):
         for ranks in ([1, 2] if round_ % 2 == 0 else [2, 1]):
@@ -141,7 +142,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="torch threads in all (split over the ranks)")
     parser.add_argument("--passes", default="same,ranks")
-    parser.add_argument("--recipes", default="default,best", help="which commands the `same` pass compares")
+    parser.add_argument("--recipes", default="paper,best", help="which commands the `same` pass compares")
     parser.add_argument("--work", default=None, help="folder for snapshots and checkpoints (default: a temporary one)")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "layer_engine.json"))
     args = parser.parse_args()
