@@ -168,6 +168,8 @@ BAD = [
     ("dense", ["--ratio", "0.3", "--recipe", "default", "--heldout", "2"],
      "the allocation search needs at least 2048 held-out calibration tokens to rank its candidates, got 64; raise "
      "--heldout (or --seq-len), or use --allocation uniform"),
+    ("dense", ["--ratio", "0.3", "--recipe", "default", "--samples", "8", "--search-samples", "9"],
+     "--search-samples must be between 1 and --samples (8), got 9"),
     ("dense", ["--ratio", "0.97", "--recipe", "default"], "no stock-valid plan removes 97.0% of the parameters"),
     ("nan", ["--ratio", "0.3"], "non-finite activations in decoder layer 0"),
     ("full", ["--ratio", "0.3"], "is not empty; pass --overwrite to replace it"),
@@ -245,6 +247,7 @@ INVALID = [  # (argv, the one line): unknown choices, malformed lists, negative 
     (["prune", "--out", "o", "--samples", "-1"], "argument --samples: must be positive, got -1"),
     (["prune", "--out", "o", "--heldout", "-2"], "argument --heldout: must be zero or more, got -2"),
     (["prune", "--out", "o", "--max-dropped", "-1"], "argument --max-dropped: must be zero or more, got -1"),
+    (["prune", "--out", "o", "--search-samples", "0"], "argument --search-samples: must be positive, got 0"),
     (["prune", "--out", "o", "--ratio", "2"], "argument --ratio: must be in [0, 1), got 2"),
     (["prune", "--out", "o", "--ratio", "0.3", "--head-ratio", "0.2"], "give either --ratio or "
      "--head-ratio/--mlp-ratio, not both"),

@@ -66,6 +66,7 @@ class PruneRequest:
     samples: int | None = None
     round_to: int | None = None  # keep a multiple of this many neurons per layer (1: AMP's exact rule)
     heldout: int | None = None  # held-out calibration samples the allocation search ranks on
+    search_samples: int | None = None  # calibration samples each search candidate is pruned on
     max_dropped: int | None = None  # the search drops at most this many whole decoder layers
     gqa_mode: str = "query"
     seq_len: int = DEFAULT_SEQ_LEN
@@ -80,10 +81,14 @@ class PruneRequest:
     progress: bool = True
 
     def resolved(self) -> Recipe:
-        """The recipe with this request's explicit values in place of its own."""
-        return resolve(self.recipe, scorer=self.scorer, correction=self.correction, allocation=self.allocation,
-                       calib=self.calib, samples=self.samples, round_to=self.round_to, heldout=self.heldout,
-                       max_dropped=self.max_dropped)
+        """The recipe with this request's explicit values in place of its own (its search slice never larger
+        than the samples asked for)."""
+        recipe = resolve(self.recipe, scorer=self.scorer, correction=self.correction, allocation=self.allocation,
+                         calib=self.calib, samples=self.samples, round_to=self.round_to, heldout=self.heldout,
+                         search_samples=self.search_samples, max_dropped=self.max_dropped)
+        if self.search_samples is None:
+            recipe = replace(recipe, search_samples=min(recipe.search_samples, recipe.samples))
+        return recipe
 
     def check(self) -> Recipe:
         """The checks that need no model: options, ratios, scorer, output folder. Returns the resolved recipe."""
@@ -101,6 +106,9 @@ class PruneRequest:
         for flag, value in (("--heldout", recipe.heldout), ("--max-dropped", recipe.max_dropped)):
             if value < 0:
                 raise AmpruneError(f"{flag} must be zero or more, got {value}")
+        if recipe.allocation == "search" and not 0 < recipe.search_samples <= recipe.samples:
+            raise AmpruneError(f"--search-samples must be between 1 and --samples ({recipe.samples}), "
+                               f"got {recipe.search_samples}")
         parse_dtype(self.dtype)
         check_ratios(self.ratio, self.head_ratio, self.mlp_ratio)
         check_scorers([recipe.scorer], recipe.correction == "refit-one-pass")

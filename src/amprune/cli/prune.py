@@ -62,6 +62,8 @@ def add_prune(sub) -> None:
     how.add_argument("--allocation", choices=ALLOCATIONS, help="with --ratio: search (the heads/neurons/layers split "
                      "with the lowest held-out loss) or uniform (the paper's single fraction)")
     how.add_argument("--heldout", type=_not_negative, help="held-out calibration samples the search ranks on")
+    how.add_argument("--search-samples", type=POSITIVE_INT, help="calibration samples each search candidate is "
+                     "pruned on (more: a truer ranking, a slower search)")
     how.add_argument("--max-dropped", type=_not_negative, help="the search drops at most this many whole decoder "
                      "layers (0: none)")
     how.add_argument("--round-to", type=POSITIVE_INT, help="keep a multiple of N neurons per layer (1: AMP's exact "
