@@ -43,6 +43,10 @@ def test_explicit_options_override_the_recipe():
     mixed = resolve("paper", correction="refit", round_to=8, scorer=None)
     assert (mixed.scorer, mixed.correction, mixed.round_to, mixed.allocation) == ("amp", "refit", 8, "uniform")
     assert resolve("default", allocation="uniform").allocation == "uniform"
+    with pytest.raises(AmpruneError, match=r"^unknown --recipe 'best'; choose one of: default, paper$"):
+        resolve("best")
+    with pytest.raises(AmpruneError, match=r"^unknown --allocation 'greedy'; choose one of: search, uniform$"):
+        resolve("default", allocation="greedy")
 
 
 def test_the_search_slice_never_exceeds_the_samples_unless_asked():
@@ -51,7 +55,3 @@ def test_the_search_slice_never_exceeds_the_samples_unless_asked():
     assert PruneRequest(out=None, samples=48, search_samples=16).resolved().search_samples == 16
     with pytest.raises(AmpruneError, match=r"^--search-samples must be between 1 and --samples \(5\), got 6$"):
         PruneRequest(out=None, samples=5, search_samples=6).check()
-    with pytest.raises(AmpruneError, match=r"^unknown --recipe 'best'; choose one of: default, paper$"):
-        resolve("best")
-    with pytest.raises(AmpruneError, match=r"^unknown --allocation 'greedy'; choose one of: search, uniform$"):
-        resolve("default", allocation="greedy")
