@@ -49,8 +49,8 @@ def return_freed_memory() -> None:
 
     A layer's tensors under glibc's mmap threshold (32 MiB at most) live on the heap; once freed, the heap
     keeps their pages, and a pass over many layers leaves the resident set a fraction of a layer larger
-    after each one unless they are returned (16 layers of a 0.9 B-parameter model: peak RSS 1.81 GiB
-    without, 1.18 GiB with; 48 layers of 13.7 B: 5.00 GiB without, 2.44 GiB with).
+    after each one unless they are returned (benchmarks/scale.py, 48 layers of 13.7 B: peak RSS 5.00 GiB
+    without, 2.44 GiB with).
     """
     libc = _libc()
     if libc is not None:
