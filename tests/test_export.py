@@ -16,9 +16,10 @@ import torch
 from gguf import GGUFReader, LlamaFileType
 from helpers import random_model, tiny_config
 
+from amprune.calibration import read_calibration
 from amprune.cli import main
 from amprune.errors import AmpruneError
-from amprune.export import ExportRequest, export, llamacpp_tool
+from amprune.export import ExportRequest, compute_imatrix, export, llamacpp_tool
 from amprune.models.loading import load_tokenizer, resolve_model
 
 SMOLLM2_VOCAB = 49152
@@ -175,6 +176,45 @@ def test_quantized_export_through_llama_quantize(tmp_path, smollm2_tokenizer):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "f16.gguf", "q4.gguf"]
 
 
+def tensors(path) -> dict:
+    return {t.name: (t.tensor_type.name, np.array(t.data)) for t in GGUFReader(path).tensors}
+
+
+@needs_tool("llama-imatrix")
+@needs_tool("llama-quantize")
+def test_importance_matrix_from_calibration_text_or_a_file(tmp_path, smollm2_tokenizer, capsys):
+    # widths of 256 fit Q4_K_M's blocks: every layer tensor is a K-quant, which the importance matrix steers
+    config = tiny_config("llama_mha", vocab_size=SMOLLM2_VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                         hidden_size=256, num_attention_heads=4, num_key_value_heads=4, head_dim=64,
+                         intermediate_size=512)
+    random_model(config, 0).save_pretrained(tmp_path / "ckpt")
+    smollm2_tokenizer.save_pretrained(tmp_path / "ckpt")
+    folder, guided = str(tmp_path / "ckpt"), tmp_path / "guided.gguf"
+    plain = export(ExportRequest(gguf=str(tmp_path / "plain.gguf"), model=folder, quant="Q4_K_M", threads=1))
+    assert plain.fallback_tensors == 0 and plain.imatrix is None
+    capsys.readouterr()
+    assert main(["--quiet", "export", "--model", folder, "--gguf", str(guided), "--quant", "Q4_K_M", "--imatrix", "mix",
+                 "--imatrix-samples", "4", "--threads", "1"]) == 0
+    assert "importance matrix: computed on 4 × 512 tokens of mix\n" in capsys.readouterr().out
+    meta = metadata(guided)
+    assert (meta["quantize.imatrix.dataset"], meta["quantize.imatrix.chunks_count"]) == ("calibration-mix.txt", 4)
+    assert meta["quantize.imatrix.file"] == "imatrix.gguf"  # relative: no temporary path in the metadata
+    ours, theirs = tensors(guided), tensors(tmp_path / "plain.gguf")
+    steered = [name for name, (kind, data) in ours.items() if not np.array_equal(data, theirs[name][1])]
+    assert {name.split(".")[-2] for name in steered} == {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate",
+                                                         "ffn_up", "ffn_down"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "guided.gguf", "plain.gguf"]
+    # the same matrix computed apart and given as a file quantizes to the same tensors
+    export(ExportRequest(gguf=str(tmp_path / "f16.gguf"), model=folder))
+    request = ExportRequest(gguf="unused.gguf", imatrix="mix", imatrix_samples=4, threads=1)
+    matrix, _ = compute_imatrix(tmp_path / "f16.gguf", tmp_path / "ckpt", read_calibration("mix", 4, 512), request)
+    from_file = export(ExportRequest(gguf=str(tmp_path / "from-file.gguf"), model=folder, quant="Q4_K_M", threads=1,
+                                     imatrix=str(tmp_path / matrix)))
+    assert from_file.imatrix == f"read from {tmp_path / matrix}"
+    again = tensors(tmp_path / "from-file.gguf")
+    assert all(np.array_equal(again[name][1], data) for name, (_, data) in ours.items())
+
+
 def test_cli_export_prints_what_llamacpp_sees(tmp_path, smollm2_tokenizer, capsys):
     _, folder = save_layout(tmp_path / "ckpt", "llama_saved_as_mistral", smollm2_tokenizer)
     out = tmp_path / "m.gguf"
@@ -202,6 +242,15 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, smollm2_tokenizer, c
     out.write_text("an older export")
     err = _cli_error(["--model", folder, "--gguf", str(out)], capsys)
     assert f"{out} exists; pass --overwrite to replace it" in err
+    assert out.read_text() == "an older export"
+    err = _cli_error(["--model", folder, "--gguf", str(out), "--overwrite", "--imatrix", "mix"], capsys)
+    assert "--imatrix guides llama-quantize, and F16 comes from the converter: use it with Q4_0, " in err
+    err = _cli_error(["--model", folder, "--gguf", str(out), "--quant", "Q4_K_M", "--overwrite", "--imatrix",
+                      str(tmp_path / "none.dat")], capsys)
+    assert f"importance matrix {tmp_path / 'none.dat'} not found (a .gguf or .dat file from llama-imatrix)" in err
+    err = _cli_error(["--model", folder, "--gguf", str(out), "--quant", "Q4_K_M", "--overwrite", "--imatrix", "c5"],
+                     capsys)
+    assert "calibration source 'c5' is neither a packaged text (c4, wiki) nor a readable .txt/.jsonl file" in err
     assert out.read_text() == "an older export"
     assert "must name a .gguf file" in _cli_error(["--model", folder, "--gguf", str(tmp_path / "m.bin")], capsys)
     assert "is not a folder" in _cli_error(["--model", folder, "--gguf", str(tmp_path / "no" / "m.gguf")], capsys)

@@ -31,16 +31,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .calibration import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, CalibrationText, calibration_set, read_calibration
 from .errors import AmpruneError
 
 logger = logging.getLogger(__name__)
 
 # Written by convert_hf_to_gguf.py itself (its --outtype).
 CONVERTER_TYPES = ("F32", "F16", "BF16", "Q8_0")
-# Made by llama-quantize from the converter's 16-bit file, without an importance matrix.
+# Made by llama-quantize from the converter's 16-bit file (with an importance matrix where one is given).
 QUANTIZE_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S",
                   "Q5_K_M", "Q6_K", "IQ4_NL", "IQ4_XS")
 QUANT_TYPES = CONVERTER_TYPES + QUANTIZE_TYPES
+IMATRIX_FILES = (".gguf", ".dat")  # what llama-imatrix writes; any other --imatrix is calibration text
 INSTALL_HINT = ("run `make llamacpp` in the amprune source tree, or set AMPRUNE_LLAMACPP to a folder with "
                 "llama.cpp/ and bin/")
 
@@ -53,7 +55,12 @@ class ExportRequest:
     model: str | None = None  # a model folder or .gguf file; None: the packaged SmolLM2-135M-Instruct
     quant: str = "F16"  # one of QUANT_TYPES (case-insensitive)
     overwrite: bool = False
-    threads: int | None = None  # llama-quantize threads (default: its own choice, all cores)
+    threads: int | None = None  # llama-imatrix/llama-quantize threads (default: their own choice, all cores)
+    # An importance matrix for llama-quantize: a file llama-imatrix wrote (.gguf/.dat), or calibration text to
+    # compute one on (mix, c4, wiki, c4,wiki or a .txt/.jsonl: the calibration halves, as `prune --calib`).
+    imatrix: str | None = None
+    imatrix_samples: int = DEFAULT_SAMPLES  # windows of 512 tokens the importance matrix is computed on
+    seed: int = 0  # draws those windows
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,7 @@ class ExportResult:
     bytes: int
     seconds: float
     fallback_tensors: int  # tensors llama-quantize stored in another type because their rows do not fit its blocks
+    imatrix: str | None = None  # what the importance matrix came from, in words
 
 
 def llamacpp_dir() -> Path:
@@ -155,10 +163,10 @@ def check_architecture(folder: Path, script: Path) -> str:
     return archs[0]
 
 
-def _run(command: list, what: str, env: dict | None = None) -> str:
+def _run(command: list, what: str, env: dict | None = None, cwd: Path | None = None) -> str:
     """Run a llama.cpp tool; its output goes to the debug log, a failure becomes one line."""
     logger.debug("running %s", " ".join(map(str, command)))
-    proc = subprocess.run([str(c) for c in command], capture_output=True, text=True, env=env)
+    proc = subprocess.run([str(c) for c in command], capture_output=True, text=True, env=env, cwd=cwd)
     output = proc.stdout + proc.stderr
     logger.debug("%s output:\n%s", what, output)
     if proc.returncode != 0:
@@ -176,10 +184,45 @@ def convert(folder: Path, out: Path, outtype: str, script: Path) -> None:
     _run([sys.executable, script, folder, "--outfile", out, "--outtype", outtype], "llama.cpp's converter", env)
 
 
-def quantize(source: Path, out: Path, quant: str, threads: int | None = None) -> int:
-    """llama-quantize `source` → `out`; returns how many tensors fell back to another type."""
-    command = [llamacpp_tool("llama-quantize"), source, out, quant] + ([threads] if threads else [])
-    output = _run(command, "llama-quantize")
+def imatrix_source(request: ExportRequest, quant: str) -> Path | CalibrationText | None:
+    """The importance matrix file, or the calibration text to compute one on; checked before any work."""
+    if request.imatrix is None:
+        return None
+    if quant not in QUANTIZE_TYPES:
+        raise AmpruneError(f"--imatrix guides llama-quantize, and {quant} comes from the converter: use it with "
+                           f"{', '.join(QUANTIZE_TYPES)}")
+    if Path(request.imatrix).suffix.lower() in IMATRIX_FILES:
+        if not Path(request.imatrix).is_file():
+            raise AmpruneError(f"importance matrix {request.imatrix} not found (a .gguf or .dat file from "
+                               "llama-imatrix)")
+        return Path(request.imatrix)
+    return read_calibration(request.imatrix, request.imatrix_samples, DEFAULT_SEQ_LEN)
+
+
+def compute_imatrix(gguf: Path, folder: Path, text: CalibrationText, request: ExportRequest) -> tuple[Path, str]:
+    """llama-imatrix on `gguf` over calibration windows drawn as `prune` draws them (the model's tokenizer,
+    the seed), written out as text for llama.cpp to tokenize again. Runs in `gguf`'s folder with relative
+    names, which llama.cpp records in the GGUF's metadata. Returns the matrix and what it was computed on."""
+    from .models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(str(folder))
+    calib = calibration_set(text, tokenizer, request.imatrix_samples, DEFAULT_SEQ_LEN, request.seed)
+    text_file = "calibration-" + re.sub(r"[^\w.,-]+", "_", Path(text.source).name).removesuffix(".txt") + ".txt"
+    (gguf.parent / text_file).write_text("\n\n".join(tokenizer.decode(s) for s in calib.samples), encoding="utf-8")
+    threads = ["-t", request.threads] if request.threads else []
+    output = _run([llamacpp_tool("llama-imatrix"), "-m", gguf, "-f", text_file, "-o", "imatrix.gguf",
+                   "-c", DEFAULT_SEQ_LEN, "--no-ppl", *threads], "llama-imatrix", cwd=gguf.parent)
+    chunks = re.search(r"computing over (\d+) chunks", output)
+    return Path("imatrix.gguf"), f"computed on {chunks.group(1) if chunks else '?'} × {DEFAULT_SEQ_LEN} tokens of " \
+                                 f"{text.source}"
+
+
+def quantize(source: Path, out: Path, quant: str, threads: int | None = None, imatrix: Path | None = None) -> int:
+    """llama-quantize `source` → `out` (a relative `imatrix` is in `source`'s folder); returns how many tensors
+    fell back to another type."""
+    guide = ["--imatrix", imatrix] if imatrix else []
+    command = [llamacpp_tool("llama-quantize"), *guide, source, out, quant] + ([threads] if threads else [])
+    output = _run(command, "llama-quantize", cwd=source.parent)
     fallback = re.search(r"(\d+) of \d+ tensor\(s\) required fallback quantization", output)
     return int(fallback.group(1)) if fallback else 0
 
@@ -188,22 +231,30 @@ def export(request: ExportRequest) -> ExportResult:
     """Convert (and quantize) a checkpoint into `request.gguf`; see the module docstring."""
     quant = quant_type(request.quant)
     out = check_output(request.gguf, request.overwrite)
+    guide = imatrix_source(request, quant)
     script = converter_script()
-    if quant in QUANTIZE_TYPES:
-        llamacpp_tool("llama-quantize")  # missing tools are reported before any work
+    if quant in QUANTIZE_TYPES:  # missing tools are reported before any work
+        llamacpp_tool("llama-quantize")
+    if isinstance(guide, CalibrationText):
+        llamacpp_tool("llama-imatrix")
     folder = model_folder(request.model)
     arch = check_architecture(folder, script)
     start = time.perf_counter()
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        fallback = 0
+        fallback, imatrix = 0, None
         if quant in CONVERTER_TYPES:
             convert(folder, staging / out.name, quant.lower(), script)
         else:  # the highest-fidelity 16-bit type (bf16 weights stay bf16), then quantized
             logger.info("converting %s (%s) to a 16-bit GGUF", folder, arch)
             convert(folder, staging / "model-16bit.gguf", "auto", script)
+            if isinstance(guide, CalibrationText):
+                logger.info("computing the importance matrix on %s", guide.source)
+                guide, imatrix = compute_imatrix(staging / "model-16bit.gguf", folder, guide, request)
+            elif guide is not None:
+                imatrix = f"read from {guide}"
             logger.info("quantizing to %s", quant)
-            fallback = quantize(staging / "model-16bit.gguf", staging / out.name, quant, request.threads)
+            fallback = quantize(staging / "model-16bit.gguf", staging / out.name, quant, request.threads, guide)
         os.replace(staging / out.name, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -213,7 +264,7 @@ def export(request: ExportRequest) -> ExportResult:
             "stored in another type, F16 where not even 32 fits: prune with --round-to 32 or 256 for smaller files",
             fallback, quant,
         )
-    return ExportResult(out, quant, out.stat().st_size, time.perf_counter() - start, fallback)
+    return ExportResult(out, quant, out.stat().st_size, time.perf_counter() - start, fallback, imatrix)
 
 
 def gguf_summary(path: str | Path) -> dict:

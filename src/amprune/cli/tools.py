@@ -201,6 +201,7 @@ def run_recover(args) -> None:
 EXPORT_EXAMPLES = """examples:
   amprune export --model pruned/ --gguf pruned-f16.gguf                  # 16-bit, llama.cpp's converter
   amprune export --model pruned/ --gguf pruned-q4.gguf --quant Q4_K_M   # + llama-quantize
+  amprune export --model pruned/ --gguf pruned-q4.gguf --quant Q4_K_M --imatrix mix   # guided by calibration text
 """
 
 
@@ -215,8 +216,14 @@ def add_export(sub) -> None:
     p.add_argument("--quant", help=f"{' | '.join(QUANT_TYPES)} (F32, F16, BF16 and Q8_0 come from the converter, "
                    "the others from llama-quantize)")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --gguf file")
+    guide = p.add_argument_group("importance matrix (llama-quantize types)")
+    guide.add_argument("--imatrix", help="a .gguf/.dat file from llama-imatrix, or calibration text to compute one "
+                       "on with llama-imatrix: mix | c4 | wiki | c4,wiki (their calibration halves) | a .txt/.jsonl")
+    guide.add_argument("--imatrix-samples", type=POSITIVE_INT, help="windows of 512 tokens to compute it on")
+    guide.add_argument("--seed", type=int, help="seed for drawing those windows")
     run = p.add_argument_group("runtime")
-    run.add_argument("--threads", type=POSITIVE_INT, help="llama-quantize threads (default: all cores)")
+    run.add_argument("--threads", type=POSITIVE_INT, help="llama-imatrix and llama-quantize threads (default: all "
+                     "cores)")
     defaults_in_help(p, ExportRequest)
     p.set_defaults(handler=run_export)
 
@@ -228,6 +235,8 @@ def run_export(args) -> None:
     meta = gguf_summary(result.path)
     head_dim = meta["key_length"] or meta["embedding_length"] // meta["head_count"]
     print(f"saved: {result.path}  ({result.quant}, {result.bytes / 2**20:.1f} MiB, {result.seconds:.1f} s)")
+    if result.imatrix:
+        print(f"importance matrix: {result.imatrix}")
     print(f"llama.cpp sees: {meta['architecture']}, {meta['block_count']} layers, {meta['head_count']} heads "
           f"({meta['head_count_kv']} KV) of {head_dim}, feed-forward {meta['feed_forward_length']}, "
           f"{meta['vocab_tokens']} tokens ({meta['tokenizer']})")
