@@ -170,6 +170,12 @@ BAD = [
      "--heldout (or --seq-len), or use --allocation uniform"),
     ("dense", ["--ratio", "0.3", "--recipe", "default", "--samples", "8", "--search-samples", "9"],
      "--search-samples must be between 1 and --samples (8), got 9"),
+    ("dense", ["--ratio", "0.3", "--recipe", "paper", "--heldout", "4"],
+     "--heldout tunes the allocation search, and this run allocates uniformly (--recipe paper): drop --heldout or use "
+     "--allocation search"),
+    ("dense", ["--ratio", "0.3", "--recipe", "default", "--allocation", "uniform", "--max-dropped", "1"],
+     "--max-dropped tunes the allocation search, and this run allocates uniformly (--recipe default --allocation "
+     "uniform): drop --max-dropped or use --allocation search"),
     ("dense", ["--ratio", "0.97", "--recipe", "default"], "no stock-valid plan removes 97.0% of the parameters"),
     ("nan", ["--ratio", "0.3"], "non-finite activations in decoder layer 0"),
     ("full", ["--ratio", "0.3"], "is not empty; pass --overwrite to replace it"),

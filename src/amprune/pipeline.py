@@ -106,7 +106,14 @@ class PruneRequest:
         for flag, value in (("--heldout", recipe.heldout), ("--max-dropped", recipe.max_dropped)):
             if value < 0:
                 raise AmpruneError(f"{flag} must be zero or more, got {value}")
-        if recipe.allocation == "search" and not 0 < recipe.search_samples <= recipe.samples:
+        if recipe.allocation == "uniform":  # the search's options would be ignored: say so
+            for flag, value in (("--heldout", self.heldout), ("--search-samples", self.search_samples),
+                                ("--max-dropped", self.max_dropped)):
+                if value is not None:
+                    raise AmpruneError(f"{flag} tunes the allocation search, and this run allocates uniformly "
+                                       f"(--recipe {self.recipe}{' --allocation uniform' * bool(self.allocation)}): "
+                                       f"drop {flag} or use --allocation search")
+        elif not 0 < recipe.search_samples <= recipe.samples:
             raise AmpruneError(f"--search-samples must be between 1 and --samples ({recipe.samples}), "
                                f"got {recipe.search_samples}")
         parse_dtype(self.dtype)
