@@ -147,10 +147,12 @@ def main() -> None:
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "layer_engine.json"))
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="amprune-engine-"))
+    started = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     result = {"command": "python benchmarks/layer_engine.py " + " ".join(sys.argv[1:]), "machine": machine(),
               "torch": torch.__version__}
     for name in args.passes.split(","):
         result[name] = {"same": pass_same, "ranks": pass_ranks}[name](args, work)
+        result["date"] = f"{started}–{time.strftime('%H:%M', time.gmtime())} UTC"
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)

@@ -46,6 +46,8 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=300, help="recovery steps of 512 tokens (default: 300)")
     parser.add_argument("--lrs", default="3e-4", help="learning rates, comma-separated (default: 3e-4, the paper's)")
     parser.add_argument("--ranks", default="8", help="LoRA ranks, comma-separated; alpha = 2 × rank (default: 8)")
+    parser.add_argument("--distill", action="store_true",
+                        help="`recover --distill`: KL to the dense model the plan names instead of the next-token loss")
     parser.add_argument("--ppl-windows", type=int, default=8, help="perplexity windows per text (default: 8)")
     parser.add_argument("--work", default="/tmp/amprune-recovery", help="folder for the recovered checkpoints")
     parser.add_argument("--resume", action="store_true",
@@ -70,12 +72,13 @@ def main() -> None:
 
     runs = {}
     for lr, rank in itertools.product(args.lrs.split(","), args.ranks.split(",")):
-        folder = str(Path(args.work) / f"lr{lr}-r{rank}")
+        kind = "distill" if args.distill else "lora"
+        folder = str(Path(args.work) / f"{kind}-lr{lr}-r{rank}")
         flags = ["--calib", args.calib, "--max-steps", str(args.max_steps), "--lr", lr, "--rank", rank,
-                 "--alpha", str(2 * int(rank))]
+                 "--alpha", str(2 * int(rank)), *(["--distill"] if args.distill else [])]
         reuse = args.resume and (Path(folder) / "config.json").is_file()  # saved atomically: present = complete
         run = None if reuse else run_step(["recover", "--model", args.model, "--out", folder, *flags, "--overwrite"])
-        runs[f"+lora lr {lr} rank {rank}"] = folder, {"lr": float(lr), "rank": int(rank), "run": run}
+        runs[f"+{kind} lr {lr} rank {rank}"] = folder, {"lr": float(lr), "rank": int(rank), "run": run}
     for name, folder in (("dense", dense_source), ("pruned", args.model)):
         results["models"][name] = {}
         measure_ppl(name, folder)
