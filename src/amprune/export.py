@@ -39,9 +39,11 @@ logger = logging.getLogger(__name__)
 # Written by convert_hf_to_gguf.py itself (its --outtype).
 CONVERTER_TYPES = ("F32", "F16", "BF16", "Q8_0")
 # Made by llama-quantize from the converter's 16-bit file (with an importance matrix where one is given).
-QUANTIZE_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S",
+QUANTIZE_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S",
                   "Q5_K_M", "Q6_K", "IQ4_NL", "IQ4_XS")
-QUANT_TYPES = CONVERTER_TYPES + QUANTIZE_TYPES
+# The low-bit types llama-quantize refuses to make without an importance matrix.
+IMATRIX_TYPES = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "Q2_K_S")
+QUANT_TYPES = CONVERTER_TYPES + QUANTIZE_TYPES + IMATRIX_TYPES
 IMATRIX_FILES = (".gguf", ".dat")  # what llama-imatrix writes; any other --imatrix is calibration text
 INSTALL_HINT = ("run `make llamacpp` in the amprune source tree, or set AMPRUNE_LLAMACPP to a folder with "
                 "llama.cpp/ and bin/")
@@ -187,10 +189,13 @@ def convert(folder: Path, out: Path, outtype: str, script: Path) -> None:
 def imatrix_source(request: ExportRequest, quant: str) -> Path | CalibrationText | None:
     """The importance matrix file, or the calibration text to compute one on; checked before any work."""
     if request.imatrix is None:
+        if quant in IMATRIX_TYPES:
+            raise AmpruneError(f"{quant} needs an importance matrix: add --imatrix mix (or another calibration text, "
+                               "or a file from llama-imatrix)")
         return None
-    if quant not in QUANTIZE_TYPES:
+    if quant in CONVERTER_TYPES:
         raise AmpruneError(f"--imatrix guides llama-quantize, and {quant} comes from the converter: use it with "
-                           f"{', '.join(QUANTIZE_TYPES)}")
+                           f"{', '.join(QUANTIZE_TYPES + IMATRIX_TYPES)}")
     if Path(request.imatrix).suffix.lower() in IMATRIX_FILES:
         if not Path(request.imatrix).is_file():
             raise AmpruneError(f"importance matrix {request.imatrix} not found (a .gguf or .dat file from "
@@ -233,7 +238,7 @@ def export(request: ExportRequest) -> ExportResult:
     out = check_output(request.gguf, request.overwrite)
     guide = imatrix_source(request, quant)
     script = converter_script()
-    if quant in QUANTIZE_TYPES:  # missing tools are reported before any work
+    if quant not in CONVERTER_TYPES:  # missing tools are reported before any work
         llamacpp_tool("llama-quantize")
     if isinstance(guide, CalibrationText):
         llamacpp_tool("llama-imatrix")

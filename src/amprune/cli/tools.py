@@ -206,7 +206,7 @@ EXPORT_EXAMPLES = """examples:
 
 
 def add_export(sub) -> None:
-    from ..export import QUANT_TYPES, ExportRequest
+    from ..export import IMATRIX_TYPES, QUANT_TYPES, ExportRequest
 
     p = sub.add_parser("export", help="convert a (pruned) checkpoint to a GGUF file for llama.cpp, optionally "
                        "quantized", epilog=EXPORT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -214,7 +214,7 @@ def add_export(sub) -> None:
                    "packaged SmolLM2-135M-Instruct")
     p.add_argument("--gguf", required=True, help="the GGUF file to write")
     p.add_argument("--quant", help=f"{' | '.join(QUANT_TYPES)} (F32, F16, BF16 and Q8_0 come from the converter, "
-                   "the others from llama-quantize)")
+                   f"the others from llama-quantize; {', '.join(IMATRIX_TYPES)} need --imatrix)")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --gguf file")
     guide = p.add_argument_group("importance matrix (llama-quantize types)")
     guide.add_argument("--imatrix", help="a .gguf/.dat file from llama-imatrix, or calibration text to compute one "
