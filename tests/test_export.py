@@ -182,7 +182,7 @@ def tensors(path) -> dict:
 
 @needs_tool("llama-imatrix")
 @needs_tool("llama-quantize")
-def test_importance_matrix_from_calibration_text_or_a_file(tmp_path, smollm2_tokenizer, capsys):
+def test_importance_matrix_from_calibration_text_or_a_file(tmp_path, smollm2_tokenizer, capsys, monkeypatch):
     # widths of 256 fit Q4_K_M's blocks: every layer tensor is a K-quant, which the importance matrix steers
     config = tiny_config("llama_mha", vocab_size=SMOLLM2_VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=2,
                          hidden_size=256, num_attention_heads=4, num_key_value_heads=4, head_dim=64,
@@ -208,8 +208,9 @@ def test_importance_matrix_from_calibration_text_or_a_file(tmp_path, smollm2_tok
     export(ExportRequest(gguf=str(tmp_path / "f16.gguf"), model=folder))
     request = ExportRequest(gguf="unused.gguf", imatrix="mix", imatrix_samples=4, threads=1)
     matrix, _ = compute_imatrix(tmp_path / "f16.gguf", tmp_path / "ckpt", read_calibration("mix", 4, 512), request)
+    monkeypatch.chdir(tmp_path)  # a relative path names a file in the working folder, wherever the tools run
     from_file = export(ExportRequest(gguf=str(tmp_path / "from-file.gguf"), model=folder, quant="Q4_K_M", threads=1,
-                                     imatrix=str(tmp_path / matrix)))
+                                     imatrix=str(matrix)))
     assert from_file.imatrix == f"read from {tmp_path / matrix}"
     again = tensors(tmp_path / "from-file.gguf")
     assert all(np.array_equal(again[name][1], data) for name, (_, data) in ours.items())

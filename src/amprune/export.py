@@ -200,7 +200,7 @@ def imatrix_source(request: ExportRequest, quant: str) -> Path | CalibrationText
         if not Path(request.imatrix).is_file():
             raise AmpruneError(f"importance matrix {request.imatrix} not found (a .gguf or .dat file from "
                                "llama-imatrix)")
-        return Path(request.imatrix)
+        return Path(request.imatrix).resolve()  # llama-quantize runs in the staging folder
     return read_calibration(request.imatrix, request.imatrix_samples, DEFAULT_SEQ_LEN)
 
 
