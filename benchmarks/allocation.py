@@ -15,6 +15,9 @@ sizes (other proxies of the same candidates) and reports each the same way; `--t
 from an earlier run of the same model, ratio and recipe instead of redoing them (the candidates must be the
 same). Results: `--json` (and `--report` prints the tables).
 
+`--heldout N` ranks on N held-out windows instead of the recipe's (the same samples; more windows may move
+the angular distances that pick the dropped layers, and then `--truth` refuses the other candidates).
+
 Usage: python benchmarks/allocation.py --ratio 0.3 [--model smollm2|gemma3-270m] [--json ...]
        python benchmarks/allocation.py --ratio 0.3 --truth FIRST.json --search-samples 8,16 --json ...
 """
@@ -99,6 +102,8 @@ def main() -> None:
     parser.add_argument("--model", choices=MODELS, default="smollm2")
     parser.add_argument("--ratio", type=float, default=0.3)
     parser.add_argument("--recipe", default="default")
+    parser.add_argument("--heldout", type=int, default=None, help="held-out windows the proxy ranks on (default: "
+                        "the recipe's)")
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--search-samples", default="", help="comma-separated slice sizes of other proxies")
@@ -111,7 +116,7 @@ def main() -> None:
         print(report(json.loads(path.read_text())))
         return
     started = datetime.now(timezone.utc)
-    recipe = resolve(args.recipe)
+    recipe = resolve(args.recipe, heldout=args.heldout)
     info = describe_model(MODELS[args.model])
     tokenizer = load_tokenizer(info.source)
     calib = calibration_set(read_calibration(recipe.calib, recipe.samples, 512), tokenizer, recipe.samples, 512, 0,
