@@ -107,12 +107,12 @@ class PruneRequest:
             if value < 0:
                 raise AmpruneError(f"{flag} must be zero or more, got {value}")
         if recipe.allocation == "uniform":  # the search's options would be ignored: say so
+            asked = f"--recipe {self.recipe}" + (f" --allocation {self.allocation}" if self.allocation else "")
             for flag, value in (("--heldout", self.heldout), ("--search-samples", self.search_samples),
                                 ("--max-dropped", self.max_dropped)):
                 if value is not None:
                     raise AmpruneError(f"{flag} tunes the allocation search, and this run allocates uniformly "
-                                       f"(--recipe {self.recipe}{' --allocation uniform' * bool(self.allocation)}): "
-                                       f"drop {flag} or use --allocation search")
+                                       f"({asked}): drop {flag} or use --allocation search")
         elif not 0 < recipe.search_samples <= recipe.samples:
             raise AmpruneError(f"--search-samples must be between 1 and --samples ({recipe.samples}), "
                                f"got {recipe.search_samples}")
