@@ -8,6 +8,12 @@
    every model once per round, in reverse order every other round, so dense and pruned alternate and a
    busy machine slows them alike; the speedup of a round is pruned tokens/s / dense tokens/s (same
    type, same round); the report gives the median over rounds and the spread (min–max, quartiles).
+   Every round runs llama-bench with an environment variable of a random length (0–4095 bytes, drawn
+   from --layout-seed; the same for every model of the round), which moves the stack of the process:
+   the speed of one GGUF on this machine changes by up to ~10 % with the process's memory layout (the
+   dense F16 pp512 ran at 610–640 tok/s with some layouts and 665–710 with others), so a fixed
+   environment can favour one model for a whole run (Mytkowicz et al., ASPLOS 2009: randomize the setup).
+   `--layout-seed -1` keeps this process's environment as it is (runs 1–7 of RESULTS).
 4. llama-perplexity on the held-out half of the packaged Wikipedia text (the half calibration never
    reads), the first --ppl-chunks windows of 512 tokens, llama.cpp's protocol (each window's second
    half is scored).
@@ -31,6 +37,7 @@ import datetime
 import json
 import os
 import platform
+import random
 import re
 import shlex
 import statistics
@@ -105,24 +112,38 @@ def gguf_tensors(path: str) -> dict:
     return {"tensor_bytes": int(sum(int(t.n_bytes) for t in reader.tensors)), "tensor_types": dict(types)}
 
 
-def bench_once(args, gguf: str, test: str) -> list[float]:
+def layout_pads(seed: int, count: int) -> list[int | None]:
+    """One environment padding (bytes) per llama-bench call group; None everywhere for seed −1."""
+    if seed < 0:
+        return [None] * count
+    rng = random.Random(seed)
+    return [rng.randrange(4096) for _ in range(count)]
+
+
+def layout_env(pad: int | None) -> dict[str, str] | None:
+    """This process's environment plus AMPRUNE_LAYOUT_PAD of `pad` bytes (None: inherit it unchanged)."""
+    return None if pad is None else {**os.environ, "AMPRUNE_LAYOUT_PAD": "x" * pad}
+
+
+def bench_once(args, gguf: str, test: str, pad: int | None = None) -> list[float]:
     """tokens/s of one llama-bench call (its -r repetitions), pinned to one core."""
     sizes = ["-p", "512", "-n", "0"] if test == "pp512" else ["-p", "0", "-n", "128"]
     out = run(["taskset", "-c", str(args.cpu), str(llamacpp_tool("llama-bench")), "-m", gguf, "-t", str(args.threads),
-               "-r", str(args.reps), *sizes, "-o", "json"])
+               "-r", str(args.reps), *sizes, "-o", "json"], env=layout_env(pad))
     return [float(x) for x in json.loads(out)[0]["samples_ts"]]
 
 
-def bench_rounds(args, models: dict) -> dict:
-    """{model: {quant: {test: [per-round mean tokens/s]}}}, every model once per round, order alternating."""
+def bench_rounds(args, models: dict, pads: list[int | None]) -> dict:
+    """{model: {quant: {test: [per-round mean tokens/s]}}}, every model once per round, order alternating,
+    the round's environment padding for all of them."""
     order = [(name, quant) for name in models for quant in args.quants]
     speeds = {name: {quant: {"pp512": [], "tg128": []} for quant in args.quants} for name in models}
-    for r in range(args.rounds):
+    for r, pad in enumerate(pads):
         for test in ("pp512", "tg128"):
             for name, quant in order if r % 2 == 0 else order[::-1]:
-                samples = bench_once(args, models[name]["ggufs"][quant], test)
+                samples = bench_once(args, models[name]["ggufs"][quant], test, pad)
                 speeds[name][quant][test].append(statistics.fmean(samples))
-        print(f"round {r + 1}/{args.rounds} done", flush=True)
+        print(f"round {r + 1}/{len(pads)} done", flush=True)
     return speeds
 
 
@@ -213,6 +234,8 @@ def main() -> None:
                         "alike (default: none)")
     parser.add_argument("--rounds", type=int, default=10, help="benchmark rounds (default: 10)")
     parser.add_argument("--reps", type=int, default=3, help="llama-bench repetitions per call (default: 3)")
+    parser.add_argument("--layout-seed", type=int, default=0,
+                        help="seed of the per-round environment padding; -1 keeps the environment (default: 0)")
     parser.add_argument("--ppl-chunks", type=int, default=100, help="512-token perplexity windows (default: 100)")
     parser.add_argument("--cpu", type=int, default=0, help="the core everything is pinned to (default: 0)")
     parser.add_argument("--threads", type=int, default=1, help="llama.cpp threads (default: 1)")
@@ -238,7 +261,8 @@ def main() -> None:
         model["costs"] = costs(model["folder"])
         model["gguf"] = {q: {"path": p, "file_bytes": os.path.getsize(p), **gguf_tensors(p)}
                          for q, p in model["ggufs"].items()}
-    speeds = bench_rounds(args, models)
+    pads = layout_pads(args.layout_seed, args.rounds)
+    speeds = bench_rounds(args, models, pads)
     for name, model in models.items():
         for quant, g in model["gguf"].items():
             g.update(speeds[name][quant])
@@ -250,7 +274,8 @@ def main() -> None:
             "llama_cpp": LLAMACPP_SOURCE, "pinning": f"taskset -c {args.cpu}, -t {args.threads}",
             "prune_command": f"amprune prune --ratio R {args.prune_args}".strip(), "quants": args.quants,
             "imatrix": args.imatrix,
-            "rounds": args.rounds, "reps_per_call": args.reps, "ppl_text": "packaged Wikipedia, evaluation half",
+            "rounds": args.rounds, "reps_per_call": args.reps, "layout_seed": args.layout_seed, "env_pads": pads,
+            "ppl_text": "packaged Wikipedia, evaluation half",
             "ppl_chunks": args.ppl_chunks, "ppl_ctx": 512, "seconds": round(time.time() - started),
         },
         "models": {name: {k: v for k, v in m.items() if k != "ggufs"} for name, m in models.items()},
