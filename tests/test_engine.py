@@ -158,7 +158,7 @@ def test_bfloat16_prunes_in_its_dtype_and_chooses_what_float32_chooses(correctio
                               out=str(tmp_path / "bf16"), model=str(tmp_path / str(torch.bfloat16)), **request))
     assert [layer.heads_kept for layer in half.plan.layers] == [layer.heads_kept for layer in full.plan.layers]
     assert [layer.neurons_kept for layer in half.plan.layers] == [layer.neurons_kept for layer in full.plan.layers]
-    assert half.plan.settings["dtype"] == "bfloat16" and half.memory["compute_dtype"] in ("bfloat16", "float32")
+    assert half.plan.settings["dtype"] == "bfloat16" and half.plan.settings["compute_dtype"] in ("bfloat16", "float32")
     assert {t.dtype for t in tensors(half.out).values()} == {torch.bfloat16}
     assert json.loads((half.out / "config.json").read_text())["dtype"] == "bfloat16"
 

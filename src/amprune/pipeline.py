@@ -327,5 +327,4 @@ def prune(request: PruneRequest) -> PruneResult:
 
 def _memory(report: Report, source) -> dict:
     return {"peak": peak_memory(), "model_bytes": source.stored_bytes, "hidden_bytes": report.hidden_bytes,
-            "hidden_place": report.hidden_place, "compute_dtype": report.compute_dtype,
-            "dtype": str(source.stored_dtype).removeprefix("torch."), "world_size": report.world_size}
+            "hidden_place": report.hidden_place}

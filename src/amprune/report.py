@@ -69,20 +69,22 @@ def plan_summary(plan: Plan) -> str:
             + f", seed {settings.get('seed')}"
         )
     if settings.get("memory"):
-        lines.append(memory_summary(settings["memory"]))
+        lines.append(memory_summary(settings))
     return "\n".join(lines)
 
 
-def memory_summary(memory: dict) -> str:
-    """Peak memory beside the model's size and the hidden states', where they lived, and the world size."""
-    peak = memory["peak"]
+def memory_summary(settings: dict) -> str:
+    """Peak memory beside the model's size and the hidden states', where they lived, and the world size
+    (from a plan's settings)."""
+    memory, peak = settings["memory"], settings["memory"]["peak"]
     line = f"peak memory: {_gib(peak['rss'])} RSS" + (f", {_gib(peak['cuda'])} CUDA" if "cuda" in peak else "")
     line += (f" · model {human_bytes(memory['model_bytes'])} · hidden states {human_bytes(memory['hidden_bytes'])} "
              f"({memory['hidden_place']})")
-    if memory.get("world_size", 1) > 1:
-        line += f" · {memory['world_size']} ranks"
-    if memory.get("compute_dtype") and memory["compute_dtype"] != memory.get("dtype", memory["compute_dtype"]):
-        line += f"\nnote: layers computed in {memory['compute_dtype']} (no fast {memory['dtype']} kernels on this CPU)"
+    if settings.get("world_size", 1) > 1:
+        line += f" · {settings['world_size']} ranks"
+    compute, stored = settings.get("compute_dtype"), settings.get("dtype")
+    if compute and stored and compute != stored:
+        line += f"\nnote: layers computed in {compute} (no fast {stored} kernels on this CPU)"
     return line
 
 

@@ -139,7 +139,7 @@ def run_prune(args) -> None:
         print(evaluate_side_by_side(dense_source, name, result.model, result.tokenizer, evaluation, str(result.out),
                                     str(result.out / "amprune_eval.json")))
     if args.check and not args.quiet:
-        device, dtype = resolve_device(args.device), DTYPES[result.memory["compute_dtype"]]
+        device, dtype = resolve_device(args.device), DTYPES[result.plan.settings["compute_dtype"]]
         check = quick_check(dense_source, result.model or result.out, result.tokenizer, device, dtype)
         print(check_summary(check) if check else "quality check skipped: the dense and the pruned model do not "
               "both fit in memory (use `amprune eval`)")
