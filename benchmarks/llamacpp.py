@@ -281,10 +281,15 @@ def main() -> None:
         "models": {name: {k: v for k, v in m.items() if k != "ggufs"} for name, m in models.items()},
     }
     result["speedups"] = speedups(models, speeds, args.quants)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(markdown(result))
-    print(f"wrote {args.out}")
+    save(result, args.out, markdown)
+
+
+def save(result: dict, out: str, tables) -> None:
+    """The results JSON at `out`, and its tables on stdout."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=1))
+    print(tables(result))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
