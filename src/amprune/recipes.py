@@ -31,7 +31,7 @@ class Recipe:
 
 RECIPES = {
     "default": Recipe(scorer="obs", correction="refit-one-pass", allocation="search", calib="mix", samples=48,
-                      round_to=8, heldout=4, search_samples=8, max_dropped=2),
+                      round_to=8, heldout=8, search_samples=8, max_dropped=2),
     "paper": Recipe(scorer="amp", correction="none", allocation="uniform", calib="c4", samples=48, round_to=1),
 }
 
