@@ -52,7 +52,7 @@ from gguf import GGUFReader
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from amprune.export import CONVERTER_TYPES, llamacpp_tool
-from amprune.flops import model_cost
+from amprune.flops import ModelCost, model_cost
 from amprune.models import get_family
 from amprune.models.loading import resolve_model
 from amprune.textsets import packaged_text
@@ -91,12 +91,17 @@ def prepare(args, amprune: list[str]) -> dict[str, dict]:
     return models
 
 
-def costs(folder: str) -> dict:
-    """Sizes and ideal per-workload costs of a Hugging Face folder (amprune.flops, on the meta device)."""
+def folder_cost(folder: str) -> tuple[AutoConfig, ModelCost]:
+    """The config of a Hugging Face folder and its costs (amprune.flops, built on the meta device)."""
     config = AutoConfig.from_pretrained(folder)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    cost = model_cost(model, get_family(config.model_type))
+    return config, model_cost(model, get_family(config.model_type))
+
+
+def costs(folder: str) -> dict:
+    """Sizes and ideal per-workload costs of a Hugging Face folder."""
+    config, cost = folder_cost(folder)
     return {
         "heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
         "head_dim": getattr(config, "head_dim", None), "intermediate_size": config.intermediate_size,
@@ -125,11 +130,16 @@ def layout_env(pad: int | None) -> dict[str, str] | None:
     return None if pad is None else {**os.environ, "AMPRUNE_LAYOUT_PAD": "x" * pad}
 
 
+def bench_command(cpu: int, threads: int, reps: int, gguf: str, test: str) -> list[str]:
+    """llama-bench of `gguf` for pp512 or tg128 (JSON on stdout), pinned to core `cpu`."""
+    sizes = ["-p", "512", "-n", "0"] if test == "pp512" else ["-p", "0", "-n", "128"]
+    return ["taskset", "-c", str(cpu), str(llamacpp_tool("llama-bench")), "-m", str(gguf), "-t", str(threads),
+            "-r", str(reps), *sizes, "-o", "json"]
+
+
 def bench_once(args, gguf: str, test: str, pad: int | None = None) -> list[float]:
     """tokens/s of one llama-bench call (its -r repetitions), pinned to one core."""
-    sizes = ["-p", "512", "-n", "0"] if test == "pp512" else ["-p", "0", "-n", "128"]
-    out = run(["taskset", "-c", str(args.cpu), str(llamacpp_tool("llama-bench")), "-m", gguf, "-t", str(args.threads),
-               "-r", str(args.reps), *sizes, "-o", "json"], env=layout_env(pad))
+    out = run(bench_command(args.cpu, args.threads, args.reps, gguf, test), env=layout_env(pad))
     return [float(x) for x in json.loads(out)[0]["samples_ts"]]
 
 

@@ -36,18 +36,12 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from llamacpp import layout_env, layout_pads, machine, run, save
+from llamacpp import bench_command, folder_cost, layout_env, layout_pads, machine, run, save
 
-from amprune.export import llamacpp_tool
-from amprune.flops import model_cost
-from amprune.models import get_family
 from amprune.models.loading import resolve_model
 
-PROMPT = 512
+PROMPT = 512  # llama-bench's pp512
 PARTS = {  # first match wins, in this order
     "attention": re.compile(r"flash_attn|soft_max"),
     "matmul": re.compile(r"tinyBLAS|gemm|gemv|vec_dot|mul_mat|quantize_row|from_float"),
@@ -57,10 +51,7 @@ PARTS = {  # first match wins, in this order
 
 def flops(folder: str) -> dict:
     """Linear and attention-score FLOPs of one 512-token prompt (logits of the last token only)."""
-    config = AutoConfig.from_pretrained(folder)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    cost = model_cost(model, get_family(config.model_type))
+    config, cost = folder_cost(folder)
     score = cost.score_flops_per_key * PROMPT * (PROMPT + 1) // 2
     return {"heads": config.num_attention_heads, "intermediate_size": config.intermediate_size,
             "matmul": cost.prefill_flops(PROMPT) - score, "attention": score}
@@ -72,9 +63,8 @@ def profile(args, gguf: Path, pads: list[int | None]) -> dict:
     for pad in pads:
         with tempfile.TemporaryDirectory() as tmp:
             data = Path(tmp) / "perf.data"
-            out = run(["perf", "record", "-q", "-F", str(args.frequency), "-o", str(data), "--", "taskset", "-c",
-                       str(args.cpu), str(llamacpp_tool("llama-bench")), "-m", str(gguf), "-t", "1", "-r",
-                       str(args.reps), "-p", str(PROMPT), "-n", "0", "-o", "json"], env=layout_env(pad))
+            out = run(["perf", "record", "-q", "-F", str(args.frequency), "-o", str(data), "--",
+                       *bench_command(args.cpu, 1, args.reps, gguf, "pp512")], env=layout_env(pad))
             report = run(["perf", "report", "-i", str(data), "--no-children", "--sort", "symbol", "--stdio", "-g",
                           "none", "-F", "sample,sym"])
         speeds.append(json.loads(out)[0]["avg_ts"])
