@@ -10,9 +10,8 @@
    type, same round); the report gives the median over rounds and the spread (min–max, quartiles).
    Every round runs llama-bench with an environment variable of a random length (0–4095 bytes, drawn
    from --layout-seed; the same for every model of the round), which moves the stack of the process:
-   the speed of one GGUF on this machine changes by up to ~10 % with the process's memory layout (the
-   dense F16 pp512 ran at 610–640 tok/s with some layouts and 665–710 with others), so a fixed
-   environment can favour one model for a whole run (Mytkowicz et al., ASPLOS 2009: randomize the setup).
+   a program's speed can change with its memory layout, so a fixed environment could favour one model
+   for a whole run (Mytkowicz et al., ASPLOS 2009: randomize the setup).
    `--layout-seed -1` keeps this process's environment as it is (runs 1–7 of RESULTS).
 4. llama-perplexity on the held-out half of the packaged Wikipedia text (the half calibration never
    reads), the first --ppl-chunks windows of 512 tokens, llama.cpp's protocol (each window's second

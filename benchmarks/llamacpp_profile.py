@@ -5,7 +5,7 @@ For every `<name>-<quant>.gguf` that `benchmarks/llamacpp.py` left in --work (wi
 
 1. `perf record` around --calls llama-bench pp512 calls (--reps repetitions each), pinned to one core, one
    thread, each under its own environment padding as in `benchmarks/llamacpp.py` (the same paddings for
-   every model; the process layout moves the dense F16 speed by ~8 %); their mean tokens/s give the
+   every model; a process's memory layout can move its speed); their mean tokens/s give the
    seconds of one 512-token prompt.
 2. `perf report` by symbol, grouped in three parts: **matmul** (the weight GEMMs: tinyBLAS, ggml's gemm/gemv,
    vec_dot, the activation quantizers), **attention** (flash-attention or the softmax path: the Q·Kᵀ and
