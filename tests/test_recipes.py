@@ -31,7 +31,8 @@ def test_paper_recipe_reproduces_the_former_default_plan_bit_for_bit(tmp_path):
                                 samples=6, seq_len=32, progress=False))
     assert [[layer.heads_kept, layer.neurons_kept] for layer in result.plan.layers] == GOLDEN_KEEP
     for layer, scores in zip(result.plan.layers, GOLDEN_HEAD_SCORES, strict=True):
-        assert [round(score, 6) for score in layer.head_scores] == scores
+        # float32 sums: their last bits follow the CPU's vector width (a few ulps apart between machines)
+        assert layer.head_scores == pytest.approx(scores, rel=1e-6, abs=0)
     settings = result.plan.settings
     assert (settings["recipe"], settings["method"], settings["correction"], settings["allocation"],
             settings["round_to"]) == ("paper", "amp", "none", "uniform", 1)
