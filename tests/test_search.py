@@ -9,11 +9,14 @@ import pytest
 import torch
 from helpers import random_samples, save_tiny, tiny_model
 
+from amprune import search as search_module
+from amprune.allocation import Allocation
 from amprune.engine import LayerEngine, Run, Settings
 from amprune.pipeline import PruneRequest, describe_model, prune
+from amprune.plan import Plan
 from amprune.recipes import resolve
 from amprune.report import plan_summary
-from amprune.search import search
+from amprune.search import coarse_grid, refinement, search
 from amprune.weights import InMemory
 
 LONG_TEXT = " ".join(f"The {w} jumps over {n} lazy dogs near the river bank." for n in range(400)
@@ -68,3 +71,47 @@ def test_default_recipe_end_to_end_records_the_search_and_summarises_it(tmp_path
     summary = plan_summary(result.plan)
     assert f"allocation: {chosen['allocation']} (held-out NLL {chosen['loss']:.3f})" in summary
     assert "runner-up:" in summary and "recipe default" in summary
+
+
+def test_the_grid_spreads_head_counts_evenly_and_the_refinement_fills_in_around_the_best():
+    found = [Allocation(h, h, 0, layers, 0) for layers, count in ((0, 31), (1, 5)) for h in range(count)]
+    grid = coarse_grid(found, 8)
+    assert grid == [0, 4, 9, 13, 17, 21, 26, 30, 31, 32, 33, 34, 35]  # 31 head counts → 8, both ends; 5 → all
+    assert refinement(found, grid, 9) == [5, 6, 7, 8, 10, 11, 12]
+    assert refinement(found, grid, 0) == [1, 2, 3]
+    assert refinement(found, grid, 30) == [27, 28, 29]
+    assert refinement(found, grid, 33) == []  # every head count of that depth was on the grid
+
+
+def test_a_grid_search_prunes_fewer_candidates_with_the_losses_a_full_search_gives_them(monkeypatch, tmp_path):
+    mha = dict(num_hidden_layers=4, hidden_size=64, num_attention_heads=16, num_key_value_heads=16, head_dim=4)
+    folder = save_tiny(tmp_path / "dense", "llama_gqa", **mha)
+    model = tiny_model("llama_gqa", **mha)  # 8 head counts reach 30 %: a grid of 4, then 1 to 3 around its best
+    info = describe_model(folder)
+    calib = random_samples([32] * 6, seed=1)
+    calib.heldout = random_samples([32] * 64, seed=2).samples
+    recipe = resolve("default", scorer="amp", correction="refit-one-pass", round_to=1, search_samples=4,
+                     max_dropped=0)
+
+    def run(coarse: int):
+        monkeypatch.setattr(search_module, "COARSE", coarse)
+        return search(InMemory(copy.deepcopy(model)), info, calib, recipe, "query", 0.3,
+                      Settings(batch_size=2, progress=False))
+
+    full, capped = run(100), run(4)
+    assert [c.allocation for c in capped.candidates] == [c.allocation for c in full.candidates]
+    assert {c.stage for c in full.candidates} == {"coarse"}
+    allocations = [c.allocation for c in full.candidates]
+    grid = coarse_grid(allocations, 4)
+    pruned = [i for i, c in enumerate(capped.candidates) if c.stage != "skipped"]
+    assert len(full.candidates) == 8 and len(grid) == 4 and 4 < len(pruned) < 8
+    assert [i for i, c in enumerate(capped.candidates) if c.stage == "coarse"] == grid
+    best_on_grid = min(grid, key=lambda i: full.candidates[i].loss)
+    assert [i for i, c in enumerate(capped.candidates) if c.stage == "refine"] == refinement(
+        allocations, grid, best_on_grid)
+    for i, candidate in enumerate(capped.candidates):  # each candidate's loss does not depend on the others
+        assert candidate.loss == (full.candidates[i].loss if i in pruned else None)
+    assert capped.chosen == min(pruned, key=lambda i: full.candidates[i].loss)
+    plan = Plan(dims=info.dims, budget=capped.budget, layers=[], settings={"allocation": capped.to_dict(info.dims)})
+    line = f"best of 8 candidates ({len(pruned)} pruned: a grid of head counts, then around its best)"
+    assert line in plan_summary(plan)

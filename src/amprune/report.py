@@ -45,14 +45,18 @@ def plan_summary(plan: Plan) -> str:
     if after.intermediate_size % 8 and after.intermediate_size != before.intermediate_size:
         lines.append(
             f"note: {after.intermediate_size} neurons per layer is not a multiple of 8, a matmul width that runs "
-            "markedly slower per neuron (README: --round-to); --round-to 8 keeps a multiple of 8"
+            "far slower (on a GPU the pruned model's prefill can be slower than the dense one's; README: "
+            "--round-to); --round-to 8 keeps a multiple of 8"
         )
     search = settings.get("allocation")
     if isinstance(search, dict):
         ranked = sorted((c for c in search["candidates"] if c["loss"] is not None), key=lambda c: c["loss"])
         chosen = search["candidates"][search["chosen"]]
+        pruned = sum(c.get("stage") != "skipped" for c in search["candidates"])  # plans before stages: all
         lines.append(f"allocation: {chosen['allocation']} (held-out NLL {chosen['loss']:.3f}), best of "
-                     f"{len(search['candidates'])} candidates")
+                     f"{len(search['candidates'])} candidates"
+                     + (f" ({pruned} pruned: a grid of head counts, then around its best)"
+                        if pruned < len(search["candidates"]) else ""))
         if len(ranked) > 1:
             lines.append(f"runner-up:  {ranked[1]['allocation']} (held-out NLL {ranked[1]['loss']:.3f})")
     if settings.get("recipe"):
