@@ -47,14 +47,15 @@ GIB = 2**30
 
 
 @torch.no_grad()
-def generate(folder: Path, config: LlamaConfig, tokenizer) -> float:
-    """Random weights (normal, std 0.02; norms 1) written layer by layer; returns the seconds it took."""
+def generate(folder: Path, config: LlamaConfig, tokenizer, device: str = "cpu") -> float:
+    """Random weights (normal, std 0.02; norms 1) written layer by layer; returns the seconds it took.
+    `device`: where the random numbers are drawn (a GPU draws 7 B of them in seconds; the CPU, in minutes)."""
     started = time.perf_counter()
     family = get_family("llama")
     model = empty_model(config)  # every parameter on the meta device
     checkpoint.SHARD_SIZE = "5GB"  # a sharded input, like the checkpoints people download
     writer = CheckpointWriter(folder, True, config, torch.bfloat16, family.layers + ".")
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator(device).manual_seed(0)
 
     def fill(module: torch.nn.Module, prefix: str = "") -> None:
         tensors = {}
@@ -62,7 +63,8 @@ def generate(folder: Path, config: LlamaConfig, tokenizer) -> float:
             if "norm" in name:
                 tensors[name] = torch.ones(param.shape, dtype=torch.bfloat16)
             else:
-                tensors[name] = torch.empty(param.shape, dtype=torch.bfloat16).normal_(0, 0.02, generator=generator)
+                tensors[name] = (torch.empty(param.shape, dtype=torch.bfloat16, device=device)
+                                 .normal_(0, 0.02, generator=generator).cpu())
         module.load_state_dict(tensors, strict=False, assign=True)
 
     for part in (model.model.embed_tokens, model.model.norm, model.lm_head):
