@@ -50,10 +50,16 @@ llamacpp: $(LLAMACPP_BINS)
 # CPU build, tuned for this machine (GGML_NATIVE); no server, web UI, tests or network features. The git
 # ceiling keeps llama.cpp's build info from reading amprune's own repository. Each tool is built and
 # copied on its own, so a tool added to LLAMACPP_TOOLS is built without rebuilding the others.
-$(LLAMACPP_CONFIGURED): $(LLAMACPP_EXTRACTED)
+# On x86-64, without Intel AMX even where the CPU has it: this version's AMX matmul
+# (ggml_backend_amx_mul_mat) crashed every prefill of a Q4_K_M model (SIGSEGV) on a Sapphire-Rapids-class
+# VM. The Makefile is a prerequisite so that a change of flags reconfigures (and rebuilds) llama.cpp.
+LLAMACPP_CFLAGS := $(if $(filter x86_64,$(shell uname -m)),-mno-amx-tile -mno-amx-int8 -mno-amx-bf16)
+$(LLAMACPP_CONFIGURED): $(LLAMACPP_EXTRACTED) Makefile
 	GIT_CEILING_DIRECTORIES=$(abspath $(LLAMACPP)) cmake -S $(LLAMACPP_SRC) -B $(LLAMACPP)/build \
 		-DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF \
-		-DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF
+		-DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF \
+		-DCMAKE_C_FLAGS="$(LLAMACPP_CFLAGS)" -DCMAKE_CXX_FLAGS="$(LLAMACPP_CFLAGS)"
+	touch $@
 
 $(LLAMACPP)/bin/%: $(LLAMACPP_CONFIGURED)
 	cmake --build $(LLAMACPP)/build -j2 --target $*
