@@ -39,7 +39,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from reconstruction import load, machine, perplexities  # noqa: E402
+from host import machine  # noqa: E402
+from reconstruction import load, perplexities  # noqa: E402
 
 from amprune.calibration import calibration_set, read_calibration  # noqa: E402
 from amprune.checkpoint import CheckpointWriter, output_config, saved_model_type  # noqa: E402

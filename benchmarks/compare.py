@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from host import cpu_name
 
 from amprune.compare import CompareRequest, run_compare, write_outputs
 
@@ -34,11 +35,11 @@ def _list(text: str) -> list[str]:
     return [item for item in text.split(",") if item]
 
 
-def machine() -> dict:
+def run_state() -> dict:
     return {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": cpu_name(),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
@@ -128,11 +129,11 @@ def main() -> None:
     for name, request in phases:
         if name not in args.phases:
             continue
-        started = machine()
+        started = run_state()
         run_compare(request)
         record = Path(request.out) / "machine.json"
         record.write_text(json.dumps({"command": command, "phase": name, "started": started,
-                                      "finished": machine()}, indent=1) + "\n")
+                                      "finished": run_state()}, indent=1) + "\n")
         print((Path(request.out) / "compare.md").read_text())
 
 

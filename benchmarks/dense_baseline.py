@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
-import torch
+from host import machine
 
 from amprune.evaluation import perplexity, zero_shot
 from amprune.evaluation.results import eval_record, markdown_table, write_results
@@ -39,11 +37,6 @@ FULL_ORDER = ("arc_challenge", "arc_easy", "winogrande", "piqa", "openbookqa", "
 PPL_RUNS = "c4:2048,wiki:2048,c4:128,wiki:128"  # text:seq_len, in this order
 QUICK_WINDOWS = {2048: 4, 128: 64}
 ROUNDS = "25,100,full"  # documents per task in each round
-
-
-def machine() -> str:
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return f"{platform.machine()} CPU, {os.cpu_count()} cores shared with other jobs, {gpu}"
 
 
 PROTOCOL = """\

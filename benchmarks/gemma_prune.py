@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from dense_baseline import machine
+from host import machine
 from transformers import AutoModelForCausalLM
 
 from amprune.calibration import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN

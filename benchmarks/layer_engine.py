@@ -37,7 +37,7 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from reconstruction import machine  # noqa: E402
+from host import machine  # noqa: E402
 
 RECIPES = {  # the same commands in the flags of each version (the engine's with recipes: --recipe paper)
     "paper": ([], ["--recipe", "paper"]),

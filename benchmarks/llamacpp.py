@@ -35,7 +35,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import random
 import re
 import shlex
@@ -48,6 +47,7 @@ from pathlib import Path
 
 import torch
 from gguf import GGUFReader
+from host import machine
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from amprune.export import CONVERTER_TYPES, llamacpp_tool
@@ -222,14 +222,6 @@ def markdown(result: dict) -> str:
             f"{tg['q3']:.3f}] | {ideal['tg128_weight_byte_ratio']:.3f}× | {tg['of_ideal']:.1%} | "
             f"{ideal['gguf_tensor_byte_ratio']:.3f}× | {row['ppl_vs_dense']:.3f}× |")
     return "\n".join(lines)
-
-
-def machine() -> str:
-    try:
-        cpu = re.search(r"Model name:\s*(.+)", run(["lscpu"])).group(1).strip()
-    except (subprocess.CalledProcessError, AttributeError, FileNotFoundError):
-        cpu = platform.processor()
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}"
 
 
 def main() -> None:

@@ -37,7 +37,8 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from llamacpp import bench_command, folder_cost, layout_env, layout_pads, machine, run, save
+from host import machine
+from llamacpp import bench_command, folder_cost, layout_env, layout_pads, run, save
 
 from amprune.models.loading import resolve_model
 

@@ -28,7 +28,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from reconstruction import load, machine, perplexities, run_step  # noqa: E402
+from host import machine  # noqa: E402
+from reconstruction import load, perplexities, run_step  # noqa: E402
 
 from amprune.evaluation import zero_shot  # noqa: E402
 from amprune.models.loading import resolve_model  # noqa: E402

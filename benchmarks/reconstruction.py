@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import torch
+from host import machine
 
 from amprune.evaluation import perplexity, zero_shot
 from amprune.models import get_family
@@ -48,11 +48,6 @@ BUILDS = {
 }
 # recovery key: extra `amprune recover` flags; from build B: variant "VARIANT(B)+KEY", folder WORK/B-KEY-RATIO
 RECOVERIES = {"lora": [], "distill": ["--distill"]}
-
-
-def machine() -> str:
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return f"{platform.machine()} CPU, {os.cpu_count()} cores (shared with other jobs), {gpu}"
 
 
 def run_step(args: list[str]) -> dict:

@@ -18,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from reconstruction import ROOT, load, machine, perplexities, run_step
+from host import machine
+from reconstruction import ROOT, load, perplexities, run_step
 
 from amprune.models.loading import resolve_model
 from amprune.plan import Plan

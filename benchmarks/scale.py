@@ -41,7 +41,7 @@ from amprune.weights import empty_model
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from reconstruction import machine  # noqa: E402
+from host import machine  # noqa: E402
 
 GIB = 2**30
 
