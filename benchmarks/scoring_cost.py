@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,7 @@ import time
 from datetime import datetime, timezone
 
 import torch
+from host import machine
 
 from amprune.calibration import batches, calibration_set
 from amprune.engine import LayerEngine, Run, Settings
@@ -117,7 +117,7 @@ def main() -> None:
     result = {
         "command": "python " + " ".join(sys.argv),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, CPU",
+        "machine": f"{machine()}, {torch.get_num_threads()} torch threads",
         "model": "SmolLM2-135M-Instruct (packaged Q4_1 GGUF, dequantized to float32)",
         "calibration": f"c4 calibration half, {calib.num_tokens} tokens = {len(calib.samples)} × {args.seq_len}",
         "seconds": seconds,
