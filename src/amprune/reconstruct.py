@@ -303,9 +303,6 @@ def _refit_block(proj: nn.Linear, eqs: NormalEquations, inputs: list, outputs: l
 OBS_STEPS = 32  # the obs scorer removes a layer's neurons in this many greedy steps (heads one at a time)
 
 
-OBS_STEPS = 32  # the obs scorer removes a layer's neurons in this many greedy steps (heads one at a time)
-
-
 def fixed_units(keep: LayerPlan, head_dim: int) -> Choose:
     """Two-pass mode: the layer's units were chosen on the dense stream; re-fit on exactly those."""
 
