@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from host import cpu_name
+from host import cpu_name, gpu_name
 
 from amprune.compare import CompareRequest, run_compare, write_outputs
 
@@ -42,7 +42,7 @@ def run_state() -> dict:
         "processor": cpu_name(),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "cuda": gpu_name(),
         "load_average": os.getloadavg(),
     }
 

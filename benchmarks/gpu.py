@@ -38,6 +38,7 @@ from transformers import AutoTokenizer, LlamaConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from host import cpu_name, gpu_name  # noqa: E402
 from scale import GIB, generate  # noqa: E402
 
 
@@ -91,10 +92,9 @@ def main() -> None:
                          intermediate_size=args.intermediate, vocab_size=len(tokenizer), max_position_embeddings=4096,
                          tie_word_embeddings=False, dtype="bfloat16", bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id)
-    cuda = torch.cuda.is_available()
     result = {"command": "python benchmarks/gpu.py " + " ".join(sys.argv[1:]),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+              "device": gpu_name() or cpu_name(),
               "versions": {"python": platform.python_version(), "torch": torch.__version__,
                            "transformers": transformers.__version__, "cuda": torch.version.cuda},
               "config": {k: getattr(config, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",

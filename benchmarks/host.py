@@ -17,9 +17,13 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
-def machine() -> str:
-    """One line: CPU model, core count, GPU (or none), operating system and architecture."""
+def gpu_name() -> str | None:
+    """The CUDA device's name, or None without one."""
     import torch
 
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return f"{cpu_name()}, {os.cpu_count()} cores, {gpu}, {platform.system()} {platform.machine()}"
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
+
+
+def machine() -> str:
+    """One line: CPU model, core count, GPU (or none), operating system and architecture."""
+    return f"{cpu_name()}, {os.cpu_count()} cores, {gpu_name() or 'no GPU'}, {platform.system()} {platform.machine()}"
