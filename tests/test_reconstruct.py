@@ -26,6 +26,7 @@ from amprune.models import Dims, get_family
 from amprune.pipeline import PruneRequest, prune
 from amprune.plan import LayerPlan, Plan, make_budget
 from amprune.reconstruct import DEFAULT_DAMPING, IllConditionedError, NormalEquations, refit
+from amprune.report import plan_summary
 from amprune.surgery import apply_plan, unit_params
 
 
@@ -436,6 +437,79 @@ def test_prune_one_pass_obs_saves_a_stock_checkpoint(tmp_path, calib_text):
     for layer in saved.layers:  # the removed units are the lowest scores, in removal order 0, 1, …
         removed = sorted(set(range(len(layer.neuron_scores))) - set(layer.neurons_kept))
         assert sorted(layer.neuron_scores[i] for i in removed) == list(range(len(removed)))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
+    probe = torch.randint(4, 100, (1, 12))
+    with torch.no_grad():
+        expected, got = result.model(probe).logits, reloaded(probe).logits
+    assert torch.allclose(got, expected, atol=1e-5), max_diff(got, expected)
+
+
+def _layer_outputs(model, layer_index: int, samples: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Decoder layer `layer_index`'s output hidden states on each sample (one at a time: no padding)."""
+    family = get_family(model.config.model_type)
+    seen = []
+    hook = family.decoder_layers(model)[layer_index].register_forward_hook(
+        lambda m, a, out: seen.append((out[0] if isinstance(out, tuple) else out).detach()))
+    with torch.no_grad():
+        for sample in samples:
+            model(sample[None], use_cache=False)
+    hook.remove()
+    return seen
+
+
+@pytest.mark.parametrize("case", ["llama_gqa", "qwen2", "phi"])
+def test_toward_dense_blends_the_mlp_target_with_the_dense_stream(case):
+    """α = 0 is today's re-fit; layer 0 sees the dense stream itself (its heads all kept, so the dense and
+    the aimed-at outputs coincide) and is re-fitted alike for every α; at α = 1 the last layer's output
+    lands nearer the dense model's than at α = 0 (the fit's own objective, up to the damping)."""
+    model = tiny_model(case)
+    family, dims = family_and_dims(model)
+    plan = random_plan(dims, "query", 0, dims.intermediate_size // 2, seed=1)
+    plan.budget = budget_for(model, "query", head_ratio=0.0, mlp_ratio=0.5)
+    lengths = [30, 21, 30]
+    models = {}
+    for alpha in (0.0, 0.5, 1.0):
+        models[alpha] = copy.deepcopy(model)
+        run = Run("amp", plan.budget, "refit", given=plan.layers)
+        run_engine(models[alpha], random_samples(lengths, 2), [run], keep_layers=True, toward_dense=alpha)
+    plain = copy.deepcopy(model)
+    run_engine(plain, random_samples(lengths, 2), [Run("amp", plan.budget, "refit", given=plan.layers)],
+               keep_layers=True)
+    first = [family.down_proj(family.decoder_layers(m)[0]).weight for m in (models[0.0], models[0.5], models[1.0])]
+    assert torch.equal(first[0], family.down_proj(family.decoder_layers(plain)[0]).weight)
+    assert torch.allclose(first[1], first[0], atol=1e-5) and torch.allclose(first[2], first[0], atol=1e-5)
+    last = [family.down_proj(family.decoder_layers(m)[-1]).weight for m in (models[0.0], models[1.0])]
+    assert (last[0] - last[1]).abs().max() > 1e-3
+
+    samples = random_samples(lengths, 2).samples
+    dense = _layer_outputs(model, -1, samples)
+    distance = {alpha: sum((got - want).double().pow(2).sum().item() for got, want in
+                           zip(_layer_outputs(models[alpha], -1, samples), dense, strict=True))
+                for alpha in (0.0, 1.0)}
+    assert distance[1.0] < 0.9 * distance[0.0], distance
+
+
+def test_toward_dense_bad_inputs(tmp_path, calib_text):
+    common = dict(out=None, ratio=0.2, calib=calib_text, samples=4, seq_len=32, progress=False)
+    llama = save_tiny(tmp_path / "llama", "llama_gqa")
+    with pytest.raises(AmpruneError, match=r"^--toward-dense must be between 0 and 1, got 1\.5$"):
+        prune(PruneRequest(model=llama, toward_dense=1.5, **common))
+    with pytest.raises(AmpruneError, match=r"^--toward-dense sets the re-fit's target, and --correction none "
+                       r"re-fits nothing: use --correction refit-one-pass or refit$"):
+        prune(PruneRequest(model=llama, recipe="paper", toward_dense=0.25, **common))
+    with pytest.raises(AmpruneError, match=r"^--toward-dense: gemma3 normalises each MLP output before adding it "
+                       r"to the residual stream, so a re-fit cannot move the stream towards the dense model's$"):
+        prune(PruneRequest(model=save_tiny(tmp_path / "gemma", "gemma3_mqa"), toward_dense=0.25, **common))
+
+
+def test_prune_toward_dense_records_it_and_saves_a_stock_checkpoint(tmp_path, calib_text):
+    folder = save_tiny(tmp_path / "dense", "llama_gqa")
+    result = prune(PruneRequest(out=str(tmp_path / "pruned"), model=folder, ratio=0.3, calib=calib_text, samples=8,
+                                heldout=64, seq_len=32, toward_dense=0.25, progress=False,
+                                keep_model=True))
+    saved = Plan.load(tmp_path / "pruned")
+    assert saved.settings["reconstruction"]["toward_dense"] == 0.25
+    assert "--round-to 8, --toward-dense 0.25" in plan_summary(saved)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
     probe = torch.randint(4, 100, (1, 12))
     with torch.no_grad():

@@ -86,6 +86,7 @@ class Settings:
     pad_id: int = 0
     seed: int = 0  # the `random` scorer's generator
     damping: float = DEFAULT_DAMPING
+    toward_dense: float = 0.0  # re-fits aim this far at the dense model's stream (`reconstruct.toward_dense`)
     hidden_states: str = "auto"  # auto | ram | disk (see amprune.streams)
     workspace: Path | None = None  # where spilled hidden states go (the output's temporary folder)
     save_dtype: torch.dtype | None = None  # round every pruned layer to this dtype (None: the compute dtype)
@@ -247,7 +248,8 @@ class LayerEngine:
         scored = [run for run in runs if run.correction != "refit-one-pass" and run.given is None]
         self.dense_scorers = sorted({run.scorer for run in scored})
         self.dense_needed = settings.observe is not None or any(
-            run.correction != "refit-one-pass" and (run.given is None or run.correction == "bias") for run in runs)
+            run.correction != "refit-one-pass" and (run.given is None or run.correction == "bias") for run in runs
+        ) or (settings.toward_dense > 0 and any(run.own_stream for run in runs))
 
     def _stats(self, device: torch.device) -> LayerStats | None:
         """The dense stream's statistics: what its scorers (and bias compensation) read."""
@@ -311,7 +313,7 @@ class LayerEngine:
                     in_place = len(states) == 1 and (settings.keep_layers or self.source.reloads)
                     work = layer if in_place else copy.deepcopy(layer)
                     try:
-                        self._prune(state, work, index, calls[index], masks, scores, stats)
+                        self._prune(state, work, index, calls[index], masks, scores, stats, dense)
                         self._finish_layer(state, work, index, probe_calls[index])
                     except Exception as err:
                         if not settings.isolate_failures:
@@ -355,15 +357,18 @@ class LayerEngine:
         return LayerChooser(run.scorer, self.dims, run.budget, generator, self.settings.damping)
 
     def _prune(self, state: _RunState, layer: nn.Module, index: int, calls: list, masks: list, scores: dict,
-               stats: LayerStats | None) -> None:
+               stats: LayerStats | None, dense: _Stream | None) -> None:
         """Choose this run's units of `layer`, correct and slice it (in place)."""
         run, family, dims = state.run, self.family, self.dims
         stream = self._batches(state.stream, calls, masks) if run.own_stream else None
+        toward = None
+        if self.settings.toward_dense > 0:  # the dense model's outputs of this layer (computed above)
+            toward = (self.settings.toward_dense, [dense.output[b] for b in range(len(calls))])
         if run.correction == "refit-one-pass":
             chooser = state.chooser
             choose = chooser.for_layer(family, layer, index)
             keep, hidden, errors = refit_layer(family, layer, index, dims, stream, choose, self.settings.damping,
-                                               chooser.new_stats(layer_device(layer)))
+                                               chooser.new_stats(layer_device(layer)), toward)
         else:
             if run.given is not None:
                 keep = run.given[len(state.result.layers)]
@@ -375,7 +380,7 @@ class LayerEngine:
                 compensate_layer(layer, family, dims, keep, stats)
             if run.correction == "refit":
                 keep, hidden, errors = refit_layer(family, layer, index, dims, stream, fixed_units(keep, dims.head_dim),
-                                                   self.settings.damping)
+                                                   self.settings.damping, toward=toward)
             else:
                 prune_layer(family, layer, dims, keep)
         if run.own_stream:

@@ -68,6 +68,7 @@ class PruneRequest:
     heldout: int | None = None  # held-out calibration samples the allocation search ranks on
     search_samples: int | None = None  # calibration samples each search candidate is pruned on
     max_dropped: int | None = None  # the search drops at most this many whole decoder layers
+    toward_dense: float | None = None  # 0–1: how far each re-fitted MLP aims at the dense model's stream
     gqa_mode: str = "query"
     seq_len: int = DEFAULT_SEQ_LEN
     seed: int = 0  # draws calibration samples (and the `random` scorer's scores)
@@ -85,7 +86,8 @@ class PruneRequest:
         than the samples asked for)."""
         recipe = resolve(self.recipe, scorer=self.scorer, correction=self.correction, allocation=self.allocation,
                          calib=self.calib, samples=self.samples, round_to=self.round_to, heldout=self.heldout,
-                         search_samples=self.search_samples, max_dropped=self.max_dropped)
+                         search_samples=self.search_samples, max_dropped=self.max_dropped,
+                         toward_dense=self.toward_dense)
         if self.search_samples is None:
             recipe = replace(recipe, search_samples=min(recipe.search_samples, recipe.samples))
         return recipe
@@ -113,7 +115,12 @@ class PruneRequest:
                 if value is not None:
                     raise AmpruneError(f"{flag} tunes the allocation search, and this run allocates uniformly "
                                        f"({asked}): drop {flag} or use --allocation search")
-        elif not 0 < recipe.search_samples <= recipe.samples:
+        if not 0 <= recipe.toward_dense <= 1:
+            raise AmpruneError(f"--toward-dense must be between 0 and 1, got {recipe.toward_dense}")
+        if recipe.toward_dense and recipe.correction not in ("refit", "refit-one-pass"):
+            raise AmpruneError(f"--toward-dense sets the re-fit's target, and --correction {recipe.correction} "
+                               "re-fits nothing: use --correction refit-one-pass or refit")
+        if recipe.allocation == "search" and not 0 < recipe.search_samples <= recipe.samples:
             raise AmpruneError(f"--search-samples must be between 1 and --samples ({recipe.samples}), "
                                f"got {recipe.search_samples}")
         parse_dtype(self.dtype)
@@ -224,6 +231,9 @@ def prune(request: PruneRequest) -> PruneResult:
     bias = recipe.correction == "bias"
     info = describe_model(request.model, bias)  # converts a .gguf (once)
     config, family, dims = info.config, info.family, info.dims
+    if recipe.toward_dense and family.post_mlp_norm:
+        raise AmpruneError(f"--toward-dense: {family.name} normalises each MLP output before adding it to the "
+                           "residual stream, so a re-fit cannot move the stream towards the dense model's")
     if searching:
         candidates(info, recipe, request.gqa_mode, request.ratio)  # fails now if no allocation reaches the ratio
     else:
@@ -249,7 +259,7 @@ def prune(request: PruneRequest) -> PruneResult:
         seconds["gradients"] = time.perf_counter() - tick
     settings = Settings(batch_size=request.batch_size, pad_id=pad_id, seed=request.seed,
                         hidden_states=request.hidden_states, save_dtype=source.stored_dtype, gradients=gradients,
-                        progress=request.progress)
+                        toward_dense=recipe.toward_dense, progress=request.progress)
 
     # 3. Where to cut: every stock-valid allocation pruned on a slice, ranked by held-out loss.
     found = None
@@ -305,7 +315,8 @@ def prune(request: PruneRequest) -> PruneResult:
         "compute_dtype": report.compute_dtype,
         "world_size": report.world_size,
         "memory": memory,
-        "reconstruction": {"damping": settings.damping, "relative_calibration_error": result.errors}
+        "reconstruction": {"damping": settings.damping, "toward_dense": settings.toward_dense,
+                           "relative_calibration_error": result.errors}
         if recipe.correction.startswith("refit") else None,
     })
 

@@ -27,6 +27,7 @@ class Recipe:
     heldout: int = 0  # held-out calibration samples the search ranks candidates on
     search_samples: int = 0  # calibration samples every candidate is pruned on during the search
     max_dropped: int = 0  # at most this many whole decoder layers dropped
+    toward_dense: float = 0.0  # how far each re-fitted MLP aims at the dense model's own stream (0: its block)
 
 
 RECIPES = {

@@ -300,6 +300,33 @@ def _refit_block(proj: nn.Linear, eqs: NormalEquations, inputs: list, outputs: l
     return new_outputs, errors
 
 
+@torch.no_grad()
+def toward_dense(layer: nn.Module, family: Family, batches: list, attention_out: list, outputs: list, alpha: float,
+                 dense: list) -> list:
+    """The MLP block's re-fit targets moved a fraction `alpha` of the way to the dense model's stream.
+
+    `attention_out`: the re-fitted attention's outputs, replayed. The layer's output is r + T,
+    r the residual stream the MLP adds to (computed by replaying zeros for the MLP), T the MLP block's
+    output. Today's target T is the dense MLP on the pruned stream: it leaves the drift of the layers
+    before in place (each layer is fitted on the stream they produce, so errors do not compound, but
+    nothing takes them back). `dense − r` is the block output that would put the layer's output exactly
+    on the dense model's stream; a linear re-fit of drifted inputs gets there only in part, and aiming
+    all the way (α = 1) did worse than α = 0 on SmolLM2 (docs/RESULTS.md). Not for a family that
+    normalises the MLP's output (`Family.post_mlp_norm`, refused by the pipeline): the MLP cannot set the
+    size of its contribution there.
+    """
+    device = family.down_proj(layer).weight.device
+    zeros = [torch.zeros_like(_first(output)) for output in outputs]
+    with _replaced(layer, family.attention, _Replay(attention_out)), _replaced(layer, family.mlp, _Replay(zeros)):
+        residual = [_first(layer(x.to(device), *args, **kwargs)) for x, args, kwargs, _ in batches]
+    moved = []
+    for output, r, target in zip(outputs, residual, dense, strict=True):
+        block = _first(output)
+        new = torch.lerp(block, target.to(device=device, dtype=block.dtype) - r, alpha)
+        moved.append((new, *output[1:]) if isinstance(output, tuple) else new)
+    return moved
+
+
 OBS_STEPS = 32  # the obs scorer removes a layer's neurons in this many greedy steps (heads one at a time)
 
 
@@ -389,6 +416,7 @@ def refit_layer(
     choose: Choose,
     damping: float = DEFAULT_DAMPING,
     stats: LayerStats | None = None,
+    toward: tuple[float, list] | None = None,
 ) -> tuple[LayerPlan, list[torch.Tensor], dict]:
     """Slice decoder layer `index` in place, re-fitting its o_proj and down_proj on the pruned stream.
 
@@ -398,6 +426,9 @@ def refit_layer(
         choose: picks the units (`fixed_units`, or a `LayerChooser` in one-pass mode) and returns the
             normal equations of the projection's kept channels.
         stats: statistics the chooser reads, recorded on the way (one-pass mode).
+        toward: (α, the dense model's outputs of this layer per batch): re-fit down_proj towards the blend
+            `(1 − α) · its dense output on the pruned stream + α · what brings the layer's output back to
+            the dense model's stream` (`toward_dense`); None: α = 0.
 
     Returns:
         The layer's plan, its outputs per batch (the next layer's pruned stream) and the relative
@@ -414,6 +445,8 @@ def refit_layer(
         # 2. MLP: its input comes from the re-fitted attention (replayed, not recomputed)
         with _replaced(layer, family.attention, _Replay(attention_out)):
             inputs, outputs = _run_block(layer, family.mlp_block(layer), down_proj, batches, stats)
+        if toward is not None and toward[0] > 0:
+            outputs = toward_dense(layer, family, batches, attention_out, outputs, *toward)
         keep, eqs = choose(down_proj, (inputs, outputs, masks), False, keep, stats)
         mlp_out, mlp_error = _refit_block(down_proj, eqs, inputs, outputs, damping, f"layer {index} {family.down}")
     del eqs, inputs, outputs

@@ -62,7 +62,9 @@ def plan_summary(plan: Plan) -> str:
     if settings.get("recipe"):
         lines.append(f"recipe {settings['recipe']}: scorer {settings.get('method')}, correction "
                      f"{settings.get('correction')}, allocation {'search' if isinstance(search, dict) else search}, "
-                     f"--round-to {settings.get('round_to')}")
+                     f"--round-to {settings.get('round_to')}"
+                     + (f", --toward-dense {toward:g}" if (toward := (settings.get("reconstruction") or {})
+                                                            .get("toward_dense")) else ""))
     if settings:
         lines.append(
             f"model {settings.get('model')} ({settings.get('model_type')}"

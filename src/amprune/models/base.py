@@ -36,6 +36,8 @@ class Family:
         text_config: attribute holding the text sub-config (multimodal wrappers), else None.
         head_pruning_refusal: given the sizes config, why no stock checkpoint of this model can hold fewer
             heads (e.g. config rules tied to `hidden_size // num_attention_heads`), or None if it can.
+        post_mlp_norm: the layer normalises the MLP's output before adding it to the residual stream
+            (Gemma's sandwich norms), so the MLP sets only its direction, not its size.
     """
 
     name: str
@@ -56,6 +58,7 @@ class Family:
     equivalent_model_type: str | None = None
     text_config: str | None = None
     head_pruning_refusal: Callable[[object], str | None] | None = None
+    post_mlp_norm: bool = False
     notes: tuple[str, ...] = field(default=())
 
     def sizes_config(self, config):

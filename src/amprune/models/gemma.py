@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from .base import Family
 
-GEMMA3 = Family(name="gemma3", model_types=("gemma3_text",), heads_must_divide_hidden=True)
+GEMMA3 = Family(name="gemma3", model_types=("gemma3_text",), heads_must_divide_hidden=True, post_mlp_norm=True)
 
 # The wrapper's vision tower and projector are never pruned (they count in the parameter total).
 GEMMA3_MULTIMODAL = Family(
@@ -21,4 +21,5 @@ GEMMA3_MULTIMODAL = Family(
     layers="model.language_model.layers",
     text_config="text_config",
     heads_must_divide_hidden=True,
+    post_mlp_norm=True,
 )
