@@ -362,7 +362,7 @@ class LayerEngine:
         run, family, dims = state.run, self.family, self.dims
         stream = self._batches(state.stream, calls, masks) if run.own_stream else None
         toward = None
-        if self.settings.toward_dense > 0:  # the dense model's outputs of this layer (computed above)
+        if self.settings.toward_dense > 0 and run.own_stream:  # the dense model's outputs of this layer (above)
             toward = (self.settings.toward_dense, [dense.output[b] for b in range(len(calls))])
         if run.correction == "refit-one-pass":
             chooser = state.chooser
