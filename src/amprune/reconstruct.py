@@ -445,7 +445,7 @@ def refit_layer(
         # 2. MLP: its input comes from the re-fitted attention (replayed, not recomputed)
         with _replaced(layer, family.attention, _Replay(attention_out)):
             inputs, outputs = _run_block(layer, family.mlp_block(layer), down_proj, batches, stats)
-        if toward is not None and toward[0] > 0:
+        if toward is not None:
             outputs = toward_dense(layer, family, batches, attention_out, outputs, *toward)
         keep, eqs = choose(down_proj, (inputs, outputs, masks), False, keep, stats)
         mlp_out, mlp_error = _refit_block(down_proj, eqs, inputs, outputs, damping, f"layer {index} {family.down}")
